@@ -1,0 +1,87 @@
+# lab: every job has a target; `make help` lists them. Setup is idempotent (.venv, re-run when the
+# requirement files change) and installs torch first so nothing can swap it for a CUDA build.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+ARCHS := llama_gqa,mistral_swa,falcon_mqa,mamba2,llama_mha
+# The real corpus for `make data` / `make bench-data` (web.jsonl + books/).
+CORPUS ?= $(abspath ../shared/corpus/ro)
+# The embedded sample at tiny sizes: what `make demo` and the tests use.
+DEMO := experiment=demo
+# The data half of the demo (lab.prepare has no trainer, so it takes just these overrides).
+DEMO_DATA := tokenizer=bpe2k data.seq_len=64
+
+.DEFAULT_GOAL := help
+.PHONY: help setup setup-gpu demo test test-slow data data-sample train multirun sweep bakeoff compare \
+        quantize eval bench-eval generate bench bench-data lint clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed ## create .venv with the pinned CPU stack (torch 2.13.0 first)
+
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+setup-gpu: setup ## GPU extras: mamba-ssm, causal-conv1d (built with nvcc), xformers
+	bash scripts/build_gpu_kernels.sh
+
+demo: setup ## prepare the sample, train all five archs (tiny, CPU), print the comparison table
+	$(PY) -m lab.prepare $(DEMO_DATA)
+	$(PY) -m lab.train -m $(DEMO) arch=$(ARCHS) trainer.enable_progress_bar=false
+	$(PY) -m lab.compare --experiment demo --latest-per-arch
+
+test: setup ## run the test suite (no GPU, no data outside the repo; slow tests excluded)
+	$(PY) -m pytest -m "not slow and not gpu" -q
+
+test-slow: setup ## the slow end-to-end tests
+	$(PY) -m pytest -m "slow" -q
+
+data: setup ## clean, dedup, tokenize and pack the real corpus (CORPUS=path/to/corpus)
+	$(PY) -m lab.prepare data=web_then_books tokenizer=bpe40k paths.corpus_dir=$(CORPUS)
+
+data-sample: setup ## prepare the embedded sample at the demo's sizes
+	$(PY) -m lab.prepare $(DEMO_DATA)
+
+train: setup ## train one arch: make train ARGS="arch=mamba2"
+	$(PY) -m lab.train $(ARGS)
+
+multirun: setup ## all five archs as one Hydra multirun: make multirun ARGS="experiment=demo"
+	$(PY) -m lab.train -m arch=$(ARCHS) $(ARGS)
+
+sweep: setup ## Optuna learning-rate sweep: make sweep ARGS="arch=mamba2"
+	$(PY) -m lab.train -m sweep=lr $(ARGS)
+
+bakeoff: setup ## five archs x seeds on the same data order: make bakeoff ARGS="experiment=arch_bakeoff_tiny"
+	$(PY) -m lab.train -m experiment=arch_bakeoff $(ARGS)
+
+compare: setup ## comparison table + plots from MLflow: make compare ARGS="--experiment demo"
+	$(PY) -m lab.compare $(ARGS)
+
+quantize: setup ## torchao variants of a model: make quantize ARGS="model_path=outputs/.../hf"
+	$(PY) -m lab.quantize $(ARGS)
+
+eval: setup ## perplexity, bits-per-byte and efficiency of a model and its variants
+	$(PY) -m lab.evaluate $(ARGS)
+
+bench-eval: setup ## quantized-vs-float benchmark (perplexity drift, decode speed, memory)
+	$(PY) -m lab.bench_eval $(ARGS)
+
+generate: setup ## sample text: make generate ARGS="model_path=... prompt='Era odată'"
+	$(PY) -m lab.generate $(ARGS)
+
+bench: setup ## training throughput/MFU per arch, tuned vs plain (needs a GPU for real numbers)
+	$(PY) -m lab.bench $(ARGS)
+
+bench-data: setup ## data pipeline MB/s and peak RSS on the real corpus (CORPUS=...)
+	$(PY) -m lab.bench_data --corpus $(CORPUS) $(ARGS)
+
+clean: ## remove run outputs (keeps .venv, data/prepared and the MLflow store)
+	rm -rf outputs multirun/*/ lightning_logs .pytest_cache

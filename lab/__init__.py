@@ -1,0 +1,29 @@
+"""lab: pretrain and compare small language models under one Hydra + Lightning setup."""
+
+import logging
+import os
+from pathlib import Path
+
+# torchao (imported by transformers) reports its CUDA-only extensions missing on CPU machines, and
+# torch warns about its enum registrations: noise on every command, not a problem to act on.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
+def _find_project_root() -> Path:
+    # The checkout holding pyproject.toml; configs resolve every path from it, whatever the cwd.
+    here = Path(__file__).resolve().parent
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "conf").is_dir():
+            return folder
+    return Path.cwd()
+
+
+PROJECT_ROOT = Path(os.environ.setdefault("PROJECT_ROOT", str(_find_project_root())))
+CONF_DIR = PROJECT_ROOT / "conf"
+# What config `_target_`s may instantiate (Hydra 1.4 asks call sites for an execution whitelist).
+TRUSTED_TARGETS = ["transformers.*", "lightning.pytorch.*", "lab.*", "torch.*"]
+
+
+class LabError(Exception):
+    """An error the user can fix (bad path, bad override); entry points print it without a traceback."""

@@ -1,0 +1,145 @@
+"""Callbacks of the training run: throughput/MFU/memory, stage-end exports, a per-step log, energy."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from lab import LabError
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+class Throughput(L.Callback):
+    """tokens/s over each logging window, MFU from the family's FLOPs per token, peak memory."""
+
+    def __init__(self, flops_per_token: float | None, peak_flops: float | None, window: int = 10):
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.window = window
+        self._step_times: list[float] = []
+        self._last: float | None = None
+        self._last_step = -1
+        self.tokens_per_s: float | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last = None  # the epoch boundary (validation, dataloader reload) is not training time
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self._last_step:
+            return  # mid-accumulation: the optimizer step has not happened yet
+        self._last_step = trainer.global_step
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        now = time.perf_counter()
+        if self._last is not None:
+            self._step_times.append(now - self._last)
+        self._last = now
+        if len(self._step_times) >= self.window:
+            step_time = statistics.median(self._step_times)
+            self._step_times.clear()
+            self.tokens_per_s = pl_module.tokens_per_step / step_time
+            metrics = {"throughput/tokens_per_s": self.tokens_per_s, "throughput/step_time_s": step_time,
+                       "memory/peak_gb": peak_memory_gb(pl_module.device)}
+            if self.flops_per_token and self.peak_flops:
+                per_device = self.tokens_per_s / trainer.world_size
+                metrics["throughput/mfu"] = per_device * self.flops_per_token / self.peak_flops
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last = None  # validation time is not step time
+
+
+class StageEnd(L.Callback):
+    """At the end of each curriculum stage (= Lightning epoch): HF export of the weights and a tag."""
+
+    def __init__(self, output_dir: Path, stage_names: list[str], stage_bounds: list[int],
+                 tokenizer_dir: Path | None, export: bool):
+        self.output_dir = Path(output_dir)
+        self.stage_names = stage_names
+        self.stage_bounds = stage_bounds
+        self.tokenizer_dir = tokenizer_dir
+        self.export = export
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        index = min(trainer.current_epoch, len(self.stage_names) - 1)
+        if trainer.global_step != self.stage_bounds[index + 1]:
+            return  # stopped early (max_steps, guard): the stage did not complete
+        name = self.stage_names[index]
+        if self.export and trainer.is_global_zero:
+            export_hf(pl_module.model, self.output_dir / "hf_stages" / f"{index}-{name}", self.tokenizer_dir)
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "set_tag") and trainer.is_global_zero:
+                experiment.set_tag(logger.run_id, "stage_completed", name)
+
+
+class StepLog(L.Callback):
+    """Appends {step, loss, lr} per optimizer step to steps.jsonl: a plain record that survives a kill."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        if not trainer.is_global_zero or outputs is None:
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": trainer.global_step, "loss": float(loss), "lr": lr}) + "\n")
+        fault_step = os.environ.get("LAB_FAULT_KILL_AT_STEP")
+        if fault_step and trainer.global_step == int(fault_step):
+            # Test hook: die like `kill -9` would, with no cleanup, to prove resume is exact.
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Energy(L.Callback):
+    """kWh and CO2 of the run through codecarbon, when it is installed."""
+
+    def __init__(self, output_dir: Path):
+        from codecarbon import OfflineEmissionsTracker  # raises ImportError when absent: the caller decides
+
+        self.tracker = OfflineEmissionsTracker(output_dir=str(output_dir), country_iso_code="ROU",
+                                               log_level="error", save_to_file=False)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.tracker.start()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.tracker.stop()
+        data = self.tracker.final_emissions_data
+        if data is None:
+            return
+        tokens = max(1, trainer.global_step * pl_module.tokens_per_step)
+        for logger in trainer.loggers:
+            logger.log_metrics({"energy/kwh": data.energy_consumed, "energy/co2_kg": data.emissions,
+                                "energy/wh_per_mtoken": data.energy_consumed * 1e3 / tokens * 1e6},
+                               step=trainer.global_step)
+
+
+def export_hf(model: torch.nn.Module, folder: Path, tokenizer_dir: Path | None) -> Path:
+    """save_pretrained (safetensors) + the tokenizer, so plain transformers loads and generates."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        if not Path(tokenizer_dir).is_dir():
+            raise LabError(f"tokenizer folder not found: {tokenizer_dir}")
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder

@@ -1,0 +1,224 @@
+"""The one LightningModule: any causal LM built from its transformers config, trained on packed blocks.
+
+The module never looks at which arch it holds. Labels are the input block itself; the shift by one
+position happens exactly once, inside the model's loss (transformers' ForCausalLMLoss).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from lab import LabError
+from lab.models import build_config, build_model, count_params
+from lab.schedules import lr_multiplier
+
+LN2 = math.log(2.0)
+
+
+class CausalLMModule(L.LightningModule):
+    def __init__(self, arch: Mapping[str, Any], size: Mapping[str, Any] | None, optim: Mapping[str, Any],
+                 scheduler: Mapping[str, Any], train: Mapping[str, Any], schedule: Mapping[str, Any],
+                 data_info: Mapping[str, Any], config_overrides: Mapping[str, Any] | None = None,
+                 init_from: str | None = None):
+        """
+        arch/size: the resolved conf/arch and conf/size nodes; config_overrides: fields set from the
+        data (vocab size, special token ids). schedule: total_steps, tokens_per_step, stage_names,
+        stage_bounds. data_info: seq_len, val bytes-per-token per source, data/tokenizer hashes.
+        """
+        super().__init__()
+        self.save_hyperparameters()  # plain containers only, so checkpoints load with weights_only=True
+        self.config = build_config(arch, size, **(config_overrides or {}))
+        self.model = build_model(self.config)
+        if init_from:
+            self._load_initial_weights(init_from)
+        if train.get("activation_checkpointing"):
+            self.model.gradient_checkpointing_enable()
+        if train.get("compile"):
+            self.model.compile()  # in place: parameter names (and checkpoints) stay unchanged
+        self.params = count_params(self.model)
+        self.seq_len = int(data_info["seq_len"])
+        self.tokens_per_step = int(schedule["tokens_per_step"])
+        self._loss_ema: float | None = None
+        self.skipped_steps = 0
+        self.stop_reason: str | None = None
+        self._val_sums: dict[str, torch.Tensor] = {}
+        self._stage_end_val: dict[str, float] = {}  # source -> val loss after the last stage that trained on it
+
+    # -- model ------------------------------------------------------------------------------------------
+    def _load_initial_weights(self, folder: str) -> None:
+        from transformers import AutoModelForCausalLM
+
+        if not Path(folder).is_dir():
+            raise LabError(f"init_from={folder!r} is not a folder (expected an HF save_pretrained export)")
+        source = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        ours, theirs = self.model.state_dict(), source.state_dict()
+        mismatched = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
+        if mismatched:
+            raise LabError(f"init_from={folder}: {len(mismatched)} weights do not fit this arch "
+                           f"(first: {mismatched[:3]}); continued pretraining needs the same shapes")
+        self.model.load_state_dict(theirs, strict=False)
+
+    def loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of a batch of blocks. input_ids: [batch, seq_len]."""
+        return self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+
+    # -- training -----------------------------------------------------------------------------------------
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
+        loss = self.loss(batch)
+        if self._is_bad(loss):
+            return self._handle_bad_step(loss)
+        value = loss.detach().float().item()
+        self._loss_ema = value if self._loss_ema is None else 0.95 * self._loss_ema + 0.05 * value
+        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=batch.shape[0])
+        return loss
+
+    def _is_bad(self, loss: torch.Tensor) -> bool:
+        guard = self.hparams.train.get("guard", {})
+        bad = not torch.isfinite(loss.detach()).item()
+        if not bad and self._loss_ema is not None and self.global_step >= guard.get("warmup_steps", 20):
+            bad = loss.detach().item() > guard.get("spike_factor", 4.0) * self._loss_ema
+        if self.trainer.world_size > 1:  # every rank must agree, or the skipped rank hangs in all-reduce
+            flag = torch.tensor(float(bad), device=loss.device)
+            bad = bool(self.trainer.strategy.reduce(flag, reduce_op="max").item())
+        return bad
+
+    def _handle_bad_step(self, loss: torch.Tensor) -> None:
+        guard = self.hparams.train.get("guard", {})
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+        detail = f"loss {loss.detach().item():.4g} at step {self.global_step} (running mean {self._loss_ema})"
+        if guard.get("action", "skip") == "stop" or self.skipped_steps > guard.get("max_skips", 20):
+            self.stop_reason = f"loss guard stopped the run: {detail}; skipped steps so far: {self.skipped_steps}"
+            self.trainer.should_stop = True
+        return None  # Lightning then skips backward and the optimizer step for this batch
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norms = [p.grad.detach().norm(2) for p in self.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm(2), on_step=True)
+
+    def on_train_batch_end(self, outputs: Any, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("tokens_seen", float(self.global_step * self.tokens_per_step), on_step=True)
+        self.log("stage", float(self.current_stage), on_step=True)
+
+    @property
+    def current_stage(self) -> int:
+        bounds = self.hparams.schedule["stage_bounds"]
+        for index in range(len(bounds) - 1):
+            if self.global_step < bounds[index + 1]:
+                return index
+        return len(bounds) - 2
+
+    # -- validation, per domain -----------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = {}
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+        source = self.hparams.data_info["val_sources"][dataloader_idx]
+        n_predicted = batch.shape[0] * (batch.shape[1] - 1)  # one target per position after the first
+        loss_sum = self.loss(batch).detach().float() * n_predicted
+        sums = self._val_sums.setdefault(source, torch.zeros(2, device=self.device, dtype=torch.float64))
+        sums += torch.stack([loss_sum.double(), torch.tensor(float(n_predicted), device=self.device).double()])
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_sums:
+            return
+        bytes_per_token = self.hparams.data_info.get("val_bytes_per_token", {})
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        losses: dict[str, float] = {}
+        for source, sums in sorted(self._val_sums.items()):
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")  # every rank held a slice
+            loss = (sums[0] / sums[1]).item()
+            losses[source] = loss
+            total += sums
+            self.log(f"val/{source}/loss", loss, sync_dist=False)
+            self.log(f"val/{source}/ppl", math.exp(min(loss, 50.0)), sync_dist=False)
+            if bytes_per_token.get(source):
+                self.log(f"val/{source}/bpb", loss / LN2 / bytes_per_token[source], sync_dist=False)
+            if source in self._stage_end_val:
+                # forgetting: how far this domain moved since the last stage that trained on it
+                self.log(f"val/{source}/forgetting", loss - self._stage_end_val[source], sync_dist=False)
+        self.log("val/loss", (total[0] / total[1]).item(), prog_bar=True, sync_dist=False)
+        self._remember_stage_end(losses)
+
+    def _remember_stage_end(self, losses: Mapping[str, float]) -> None:
+        schedule = self.hparams.schedule
+        bounds, sources = schedule["stage_bounds"], schedule["stage_sources"]
+        for index in range(len(bounds) - 1):
+            if self.global_step == bounds[index + 1]:
+                for source in sources[index]:
+                    if source in losses:
+                        self._stage_end_val[source] = losses[source]
+
+    # -- optimisation ---------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        optim = self.hparams.optim
+        fused = optim.get("fused", "auto")
+        fused = torch.cuda.is_available() and self.device.type == "cuda" if fused == "auto" else bool(fused)
+        optimizer = torch.optim.AdamW(param_groups(self.model, optim["weight_decay"]), lr=optim["lr"],
+                                      betas=tuple(optim["betas"]), eps=optim["eps"], fused=fused or None)
+        schedule = self.hparams.schedule
+        multiplier = lr_multiplier(self.hparams.scheduler, schedule["total_steps"], schedule["tokens_per_step"],
+                                   schedule["stage_names"], schedule["stage_bounds"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints: provenance and RNG for exact resume ---------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info = self.hparams.data_info
+        checkpoint["lab"] = {
+            "data_sha256": info.get("data_sha256"),
+            "tokenizer_sha256": info.get("tokenizer_sha256"),
+            "loss_ema": self._loss_ema,
+            "skipped_steps": self.skipped_steps,
+            "stage_end_val": dict(self._stage_end_val),
+            "rng": {
+                "python": list(random.getstate()[1]),
+                "numpy": _numpy_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("lab", {})
+        info = self.hparams.data_info
+        for key in ("data_sha256", "tokenizer_sha256"):
+            if saved.get(key) and info.get(key) and saved[key] != info[key]:
+                raise LabError(f"cannot resume: the checkpoint was trained with {key}={saved[key][:12]}…, but the "
+                               f"prepared data now has {info[key][:12]}…; resume with the data it was trained on")
+        self._loss_ema = saved.get("loss_ema")
+        self.skipped_steps = saved.get("skipped_steps", 0)
+        self._stage_end_val = dict(saved.get("stage_end_val", {}))
+        rng = saved.get("rng")
+        if rng:
+            random.setstate((3, tuple(rng["python"]), None))
+            name, keys, pos, has_gauss, cached = rng["numpy"]
+            np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _numpy_state() -> list[Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: norms, biases, SSM vectors and embeddings (tied head included) are exempt."""
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for param in model.parameters():  # unique parameters: a tied head appears once, as the embedding
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or id(param) in embedding_ids else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,232 @@
+"""Train one model: `python -m lab.train arch=mamba2`; several: `python -m lab.train -m arch=llama_gqa,mamba2`.
+
+Returns the configured objective (val/loss by default) so Hydra's Optuna sweeper can minimise it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import DictConfig, OmegaConf
+
+from lab import TRUSTED_TARGETS, LabError
+from lab.callbacks import Energy, StageEnd, StepLog, Throughput, export_hf
+from lab.datamodule import CurriculumDataModule
+from lab.module import CausalLMModule
+from lab.tracking import get_or_create_experiment, git_info, params_from_config, tracking_uri
+
+log = logging.getLogger("lab.train")
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.paths.output_dir)
+
+
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """`last`: the newest last.ckpt among earlier runs with this run_name (single runs and multiruns)."""
+    if not cfg.ckpt_path:
+        return None
+    if cfg.ckpt_path != "last":
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise LabError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        return str(path)
+    root = Path(cfg.paths.root_dir)
+    candidates = [*root.glob(f"outputs/{cfg.run_name}/*/checkpoints/last.ckpt"),
+                  *root.glob(f"multirun/*/*_{cfg.run_name}/checkpoints/last.ckpt")]
+    if not candidates:
+        raise LabError(f"ckpt_path=last: no earlier checkpoint for run_name={cfg.run_name} under outputs/ or multirun/")
+    return str(max(candidates, key=lambda p: p.stat().st_mtime))
+
+
+def flops_and_peak(config: Any, seq_len: int, precision: str) -> tuple[float | None, float | None]:
+    from lab.flops import flops_per_token, peak_flops
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if "bf16" in precision else torch.float32
+    return flops_per_token(config, seq_len), peak_flops(device, dtype)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job from a composed config; returns final metrics and the MLflow run id."""
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = output_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
+    datamodule = CurriculumDataModule(
+        cfg.data.prepared_dir, cfg.data.stages, cfg.data.seq_len, cfg.train.batch_size,
+        val_batch_size=cfg.train.val_batch_size, val_max_blocks=cfg.train.val_max_blocks,
+        shuffle_seed=cfg.data.shuffle_seed, accumulate_grad_batches=accumulate, num_workers=cfg.train.num_workers)
+    manifest = datamodule.manifest
+    if manifest.vocab_size > cfg.tokenizer.vocab_size:
+        raise LabError(f"the prepared tokenizer has {manifest.vocab_size} tokens, more than tokenizer.vocab_size="
+                       f"{cfg.tokenizer.vocab_size} that sizes the embedding")
+
+    precision = resolve_precision(cfg.trainer.precision)
+    ckpt_path = resolve_ckpt_path(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    uri = tracking_uri(cfg.logger.tracking_uri)
+    get_or_create_experiment(cfg.logger.experiment_name, uri, cfg.logger.artifact_location)
+    run_id_file = run_dir / "mlflow_run_id"
+    if ckpt_path and (Path(ckpt_path).parent.parent / "mlflow_run_id").is_file():
+        # a resumed run continues the same MLflow run
+        run_id_file.write_text((Path(ckpt_path).parent.parent / "mlflow_run_id").read_text())
+    tags = {"arch": str(cfg.arch_name), "size": str(cfg.size.name), "seed": str(cfg.seed),
+            "data_sha256": manifest.data_sha256, "tokenizer_sha256": manifest.tokenizer_sha256,
+            "experiment_name": str(cfg.experiment_name), "run_dir": str(run_dir), **git_info(),
+            **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()}}
+    logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, run_name=cfg.logger.run_name,
+                          tracking_uri=uri, tags=tags, log_model=False,
+                          run_id=run_id_file.read_text().strip() if run_id_file.is_file() else None)
+    run_id_file.write_text(logger.run_id)
+
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    max_steps_cap = int(trainer_cfg.pop("max_steps", -1))
+    trainer_cfg.pop("precision", None)
+    checkpoint_cfg = cfg.callbacks.checkpoint
+    checkpoints = run_dir / "checkpoints"
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(dirpath=checkpoints, filename="step{step:07d}", auto_insert_metric_name=False,
+                        every_n_train_steps=checkpoint_cfg.every_n_steps, save_top_k=checkpoint_cfg.keep_last,
+                        monitor="step", mode="max", save_last=True),
+        # stage ends are epoch ends: one checkpoint per stage, kept
+        ModelCheckpoint(dirpath=checkpoints, filename="stage{epoch}", auto_insert_metric_name=False,
+                        save_on_train_epoch_end=True, every_n_epochs=1, save_top_k=-1),
+        StepLog(run_dir / "steps.jsonl"),
+    ]
+    if cfg.callbacks.lr_monitor:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer = instantiate(trainer_cfg, precision=precision, logger=logger, callbacks=callbacks,
+                          max_epochs=len(datamodule.stages), reload_dataloaders_every_n_epochs=1,
+                          num_sanity_val_steps=0, check_val_every_n_epoch=1, default_root_dir=str(run_dir),
+                          _convert_="all", _execution_whitelist_=TRUSTED_TARGETS)
+    datamodule.set_world(trainer.world_size, trainer.global_rank)
+
+    bounds = datamodule.stage_boundaries()
+    total_steps = bounds[-1] if max_steps_cap <= 0 else min(bounds[-1], max_steps_cap)
+    trainer.fit_loop.epoch_loop.max_steps = total_steps
+    # validate every eval_every_steps and at each stage end; Lightning counts micro-batches per epoch
+    shortest_stage = min(b - a for a, b in zip(bounds, bounds[1:]))
+    trainer.val_check_interval = max(1, min(cfg.train.eval_every_steps, shortest_stage)) * accumulate
+
+    stage_names = [s.name for s in datamodule.stages]
+    schedule = {"total_steps": total_steps, "tokens_per_step": datamodule.tokens_per_step,
+                "stage_names": stage_names, "stage_bounds": bounds,
+                "stage_sources": [list(s.sources) for s in datamodule.stages]}
+    data_info = {"seq_len": cfg.data.seq_len, "val_sources": datamodule.val_sources,
+                 "val_bytes_per_token": {s: manifest.bytes_per_token(s, "val") for s in datamodule.val_sources},
+                 "data_sha256": manifest.data_sha256, "tokenizer_sha256": manifest.tokenizer_sha256}
+    special = {k: manifest.raw[k] for k in ("eos_token_id", "pad_token_id") if manifest.raw.get(k) is not None}
+    if "eos_token_id" in special:
+        special["bos_token_id"] = special["eos_token_id"]  # documents are separated (not opened) by EOS
+    module = CausalLMModule(arch=resolved["arch"], size=resolved["size"], optim=resolved["optim"],
+                            scheduler=resolved["scheduler"], train=resolved["train"], schedule=schedule,
+                            data_info=data_info, config_overrides=special, init_from=cfg.init_from)
+
+    flops_per_token, peak = flops_and_peak(module.config, cfg.data.seq_len, precision)
+    trainer.callbacks.append(Throughput(flops_per_token, peak, window=max(1, min(10, total_steps // 4))))
+    trainer.callbacks.append(StageEnd(run_dir, stage_names, bounds, manifest.tokenizer_dir, cfg.train.export_hf))
+    if cfg.callbacks.energy in (True, "auto"):
+        try:
+            trainer.callbacks.append(Energy(run_dir))
+        except ImportError:
+            if cfg.callbacks.energy is True:
+                raise LabError("callbacks.energy=true needs codecarbon: pip install codecarbon") from None
+
+    if trainer.is_global_zero:
+        _log_run_inputs(logger, cfg, resolved, run_dir, manifest, module, flops_per_token, total_steps, datamodule)
+    log.info("training %s (%s params) for %d steps over stages %s", cfg.arch_name, f"{module.params.total:,}",
+             total_steps, dict(zip(stage_names, datamodule.stage_steps())))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    if module.stop_reason:
+        trainer.save_checkpoint(checkpoints / "guard-stop.ckpt")
+        logger.experiment.set_tag(logger.run_id, "stopped_by", "loss_guard")
+        raise LabError(f"{module.stop_reason}. Checkpoint: {checkpoints / 'guard-stop.ckpt'}")
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if trainer.is_global_zero:
+        if cfg.train.export_hf:
+            export_hf(module.model, run_dir / "hf", manifest.tokenizer_dir)
+            logger.experiment.log_artifacts(logger.run_id, str(run_dir / "hf"), artifact_path="hf")
+        logger.experiment.set_tag(logger.run_id, "run_dir", str(run_dir))
+    logger.finalize("success")
+    return {"run_id": logger.run_id, "metrics": metrics, "run_dir": run_dir, "module": module}
+
+
+def _log_run_inputs(logger: MLFlowLogger, cfg: DictConfig, resolved: dict[str, Any], run_dir: Path, manifest: Any,
+                    module: CausalLMModule, flops_per_token: float | None, total_steps: int,
+                    datamodule: CurriculumDataModule) -> None:
+    """Everything needed to reproduce the run: resolved config, data manifest, tokenizer, model facts."""
+    client, run_id = logger.experiment, logger.run_id
+    params = params_from_config({k: v for k, v in resolved.items() if k not in ("hydra",)})
+    params.update({"model/params_total": str(module.params.total),
+                   "model/params_non_embedding": str(module.params.non_embedding),
+                   "model/flops_per_token": str(flops_per_token), "model/class": type(module.model).__name__,
+                   "train/total_steps": str(total_steps), "train/tokens_per_step": str(datamodule.tokens_per_step),
+                   "train/total_tokens": str(total_steps * datamodule.tokens_per_step)})
+    existing = client.get_run(run_id).data.params
+    logger.log_hyperparams({k: v for k, v in params.items() if k not in existing})
+    config_file = run_dir / "config.yaml"
+    config_file.write_text(OmegaConf.to_yaml(resolved))
+    client.log_artifact(run_id, str(config_file))
+    client.log_artifact(run_id, str(manifest.root / "manifest.json"), artifact_path="data")
+    client.log_artifacts(run_id, str(manifest.tokenizer_dir), artifact_path="tokenizer")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_config = Path(tmp) / "model_config.json"
+        model_config.write_text(json.dumps(module.config.to_dict(), indent=1, default=str))
+        client.log_artifact(run_id, str(model_config))
+
+
+def objective_value(result: dict[str, Any], name: str) -> float:
+    value = result["metrics"].get(name)
+    if value is None or not math.isfinite(value):
+        return float("inf")  # a diverged or unvalidated run loses the sweep instead of crashing it
+    return value
+
+
+@hydra.main(config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    try:
+        result = train(cfg)
+    except LabError as err:
+        log.error("%s", err)
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            raise  # let the sweep record the failure
+        sys.exit(f"error: {err}")
+    value = objective_value(result, cfg.objective)
+    log.info("%s = %.4f (MLflow run %s)", cfg.objective, value, result["run_id"])
+    return value
+
+
+if __name__ == "__main__":
+    main()
