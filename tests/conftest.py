@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, open_dict, read_write
 
 from lab import CONF_DIR, PROJECT_ROOT
 
@@ -25,10 +25,12 @@ def compose_config(config_name: str, overrides: list[str], run_dir: Path | None 
     run_dir_override = [f"hydra.run.dir={run_dir}"] if run_dir else []
     with initialize_config_dir(config_dir=str(CONF_DIR)):
         cfg = compose(config_name, overrides=[*overrides, *run_dir_override], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
     if run_dir is not None:
-        with open_dict(cfg):
+        with read_write(cfg), open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]  # as under @hydra.main: the task's config has no hydra node
     return cfg
 
 

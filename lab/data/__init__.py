@@ -1,0 +1,16 @@
+"""Corpus preparation: raw web JSONL + book .txt files -> cleaned, deduplicated, tokenized blocks.
+
+One module per concern; `lab.prepare` runs them as resumable steps:
+
+    io         read JSONL (.jsonl/.gz/.zst) and folders of .txt, streaming; count bad input
+    normalize  NFC, cedilla -> comma-below, control chars, whitespace, PDF artefacts in books
+    filters    named Gopher/C4-style document rules, configurable per source
+    split      deterministic train/val assignment and sampling keys from document ids
+    scan       the parallel per-document pass: parse -> normalise -> filter -> MinHash -> shard
+    dedup      exact + near-duplicate removal (MinHash LSH bands, sorted on disk-backed arrays)
+    tokenizer  byte-level BPE training, saving for AutoTokenizer, and the tokenizer report
+    pack       parallel tokenization into fixed blocks of seq_len tokens
+    manifest   the accounting (docs_in == kept + filtered + duplicate + malformed) and hashes
+    steps      fingerprints, done-markers, atomic writes, the run lock, crash points for tests
+    parallel   an ordered, bounded process pool (memory stays flat however long the input)
+"""

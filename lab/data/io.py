@@ -1,0 +1,234 @@
+"""Reading the raw corpus, streaming: JSONL (.jsonl, .jsonl.gz, .jsonl.zst) and folders of .txt.
+
+Readers yield `RawRecord`s (bytes plus where they came from) and never hold more than one record;
+parsing happens in the scan workers. Anything wrong with the input becomes a counted, located
+record with a short reason code, never an exception; only a missing path is an error (LabError).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
+
+import zstandard
+
+from lab import LabError
+
+log = logging.getLogger(__name__)
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+KINDS = ("jsonl", "txt_dir")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One entry of `data.sources`."""
+
+    name: str
+    kind: str
+    path: Path
+    text_field: str = "text"
+    id_field: str | None = "id"
+    val_fraction: float = 0.0
+
+    @classmethod
+    def from_cfg(cls, name: str, node: Any) -> "SourceSpec":
+        kind = str(node.get("kind", ""))
+        if kind not in KINDS:
+            raise LabError(f"data.sources.{name}.kind={kind!r}: expected one of {list(KINDS)}")
+        if node.get("path") in (None, ""):
+            raise LabError(f"data.sources.{name}.path is not set")
+        val_fraction = float(node.get("val_fraction", 0.0))
+        if not 0.0 <= val_fraction < 1.0:
+            raise LabError(f"data.sources.{name}.val_fraction={val_fraction}: expected 0 <= fraction < 1")
+        return cls(name=name, kind=kind, path=Path(str(node.path)).expanduser().absolute(),
+                   text_field=str(node.get("text_field", "text")),
+                   id_field=node.get("id_field", "id"), val_fraction=val_fraction)
+
+    def files(self) -> list[Path]:
+        """The input files, sorted (the order defines document order, hence the outputs)."""
+        if not self.path.exists():
+            raise LabError(f"source {self.name!r}: {self.path} does not exist "
+                           f"(set data.sources.{self.name}.path, e.g. data.web_path=... / data.books_dir=...)")
+        if self.kind == "jsonl":
+            if self.path.is_file():
+                return [self.path]
+            files = sorted(p for p in self.path.rglob("*") if p.is_file() and p.name.endswith(JSONL_SUFFIXES))
+            if not files:
+                raise LabError(f"source {self.name!r}: no {'/'.join(JSONL_SUFFIXES)} files under {self.path}")
+            return files
+        if not self.path.is_dir():
+            raise LabError(f"source {self.name!r} (kind txt_dir): {self.path} is not a folder")
+        files = sorted(self.path.rglob("*.txt"))
+        if not files:
+            log.warning("source %r: no .txt files under %s", self.name, self.path)
+        return files
+
+    def relative(self, path: Path) -> str:
+        """A file's name as recorded in ids and examples: relative to the source path."""
+        return path.name if self.path.is_file() else str(path.relative_to(self.path))
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One document's raw bytes, or why there are none (`error`), and where it came from.
+
+    `line` is 1-based for JSONL and 0 for a whole file. `is_doc=False` marks a note about a file
+    (an empty JSONL file holds no document, so it is not counted in docs_in).
+    """
+
+    file: str
+    line: int
+    payload: bytes | None
+    error: str | None = None
+    is_doc: bool = True
+
+
+class _Counting(io.RawIOBase):
+    """Counts bytes read from the file on disk, so progress is exact for compressed input too."""
+
+    def __init__(self, raw: BinaryIO, on_bytes: Callable[[int], None] | None):
+        self.raw, self.on_bytes = raw, on_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        n = self.raw.readinto(buffer)
+        if n and self.on_bytes:
+            self.on_bytes(n)
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def open_text_stream(path: Path, on_bytes: Callable[[int], None] | None = None) -> BinaryIO:
+    """A buffered binary stream of the decompressed file (by suffix), reporting on-disk bytes read."""
+    raw = _Counting(open(path, "rb", buffering=0), on_bytes)
+    if path.name.endswith(".gz"):
+        return io.BufferedReader(gzip.GzipFile(fileobj=io.BufferedReader(raw, 1 << 20), mode="rb"), 1 << 20)
+    if path.name.endswith(".zst"):
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BufferedReader(raw, 1 << 20), read_across_frames=True)
+        return io.BufferedReader(reader, 1 << 20)
+    return io.BufferedReader(raw, 1 << 20)
+
+
+# Errors a damaged compressed stream raises mid-read.
+_STREAM_ERRORS = (EOFError, OSError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile)
+
+
+def iter_jsonl(spec: SourceSpec, path: Path, max_bytes: int,
+               on_bytes: Callable[[int], None] | None = None) -> Iterator[RawRecord]:
+    """Every line of one JSONL file as a record; an overlong line is skipped without reading it whole."""
+    name = spec.relative(path)
+    line_no = 0
+    try:
+        with open_text_stream(path, on_bytes) as stream:
+            while line := stream.readline(max_bytes + 1):
+                line_no += 1
+                if len(line) > max_bytes and not line.endswith(b"\n"):
+                    while (rest := stream.readline(1 << 20)) and not rest.endswith(b"\n"):
+                        pass
+                    yield RawRecord(name, line_no, None, "line_too_long")
+                    continue
+                yield RawRecord(name, line_no, line)
+    except _STREAM_ERRORS as err:
+        log.warning("%s: unreadable after line %d (%s); the rest of the file is skipped", path, line_no, err)
+        yield RawRecord(name, line_no + 1, None, "truncated_stream", is_doc=False)
+        return
+    if line_no == 0:
+        yield RawRecord(name, 0, None, "empty_file", is_doc=False)
+
+
+def iter_txt(spec: SourceSpec, path: Path, max_bytes: int,
+             on_bytes: Callable[[int], None] | None = None) -> Iterator[RawRecord]:
+    """One .txt file = one document (a book is filtered and deduplicated as a whole)."""
+    name = spec.relative(path)
+    try:
+        with open(path, "rb") as handle:
+            payload = handle.read(max_bytes + 1)
+        size = path.stat().st_size
+    except OSError as err:
+        log.warning("%s: unreadable (%s)", path, err)
+        yield RawRecord(name, 0, None, "unreadable")
+        return
+    if on_bytes:
+        on_bytes(size)
+    if len(payload) > max_bytes:
+        yield RawRecord(name, 0, None, "file_too_large")
+    elif not payload:
+        yield RawRecord(name, 0, None, "empty_file")
+    else:
+        yield RawRecord(name, 0, payload)
+
+
+def iter_source(spec: SourceSpec, max_bytes: int, on_bytes: Callable[[int], None] | None = None
+                ) -> Iterator[RawRecord]:
+    reader = iter_jsonl if spec.kind == "jsonl" else iter_txt
+    for path in spec.files():
+        yield from reader(spec, path, max_bytes, on_bytes)
+
+
+class Parsed(NamedTuple):
+    doc_id: str
+    text: str
+    repaired: bool = False  # invalid UTF-8 bytes were replaced (books only)
+
+
+def parse_record(record: RawRecord, spec: SourceSpec) -> Parsed | str:
+    """The document in a record, or the reason code it is malformed.
+
+    JSONL lines must be UTF-8 JSON objects with a string text field (a corrupted record is dropped);
+    a book's invalid bytes are replaced with U+FFFD (one bad byte should not cost a whole book; the
+    `max_replacement_frac` filter drops a book that is mostly garbage). A missing id falls back to
+    the record's location, which is stable across runs.
+    """
+    if record.error:
+        return record.error
+    assert record.payload is not None
+    location = f"{record.file}:{record.line}" if record.line else record.file
+    if spec.kind == "txt_dir":
+        try:
+            return Parsed(record.file, record.payload.decode("utf-8").removeprefix("\ufeff"))
+        except UnicodeDecodeError:
+            text = record.payload.decode("utf-8", errors="replace")
+            return Parsed(record.file, text.removeprefix("\ufeff"), repaired=True)
+    line = record.payload.strip()
+    if not line:
+        return "blank_line"
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "invalid_utf8"
+    except (json.JSONDecodeError, RecursionError):
+        return "invalid_json"
+    if not isinstance(obj, dict):
+        return "not_an_object"
+    if spec.text_field not in obj:
+        return "missing_text_field"
+    text = obj[spec.text_field]
+    if text is None:
+        return "null_text"
+    if not isinstance(text, str):
+        return "text_not_string"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "lone_surrogate"  # a JSON "\ud800" escape: valid JSON, not encodable text
+    doc_id = obj.get(spec.id_field) if spec.id_field else None
+    if doc_id is None or isinstance(doc_id, (dict, list)):
+        return Parsed(location, text)
+    doc_id = str(doc_id)
+    try:
+        doc_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return Parsed(location, text)
+    return Parsed(doc_id, text)

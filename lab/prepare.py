@@ -1,0 +1,592 @@
+"""python -m lab.prepare data=web_then_books tokenizer=bpe40k data.web_path=... data.books_dir=...
+
+Raw corpus -> `data.prepared_dir` (format: docs/CONTRACTS.md), in resumable steps:
+
+    scan       parse, normalise, filter, split and MinHash every document (parallel, streaming)
+    dedup      exact + near-duplicate clusters over all sources and splits; one copy each survives
+    tokenizer  byte-level BPE on a byte budget of training documents -> tokenizer/
+    report     fertility, and the tokens other tokenizers need for the same held-out text
+    pack       tokenize (parallel) and cut into blocks of seq_len -> <source>/{train,val}.bin
+    manifest   the accounting of every document, file hashes, config -> manifest.json
+
+Each step records a fingerprint of its inputs and settings; a re-run reuses a step whose
+fingerprint and outputs are intact ("reusing ...") and redoes the rest. Python API:
+`lab.prepare.run(cfg) -> Path` with the composed config (conf/prepare.yaml).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from lab import LabError
+from lab.data import dedup as dd
+from lab.data import manifest as mf
+from lab.data import pack as pk
+from lab.data import scan as sc
+from lab.data import tokenizer as tk
+from lab.data.filters import DocFilter
+from lab.data.io import SourceSpec
+from lab.data.normalize import Normalizer
+from lab.data.parallel import ordered_map, resolve_workers
+from lab.data.split import SPLITS, TRAIN, VAL
+from lab.data.steps import (StepStore, atomic_path, crash_point, file_stamp, fingerprint, remove_stale_tmp,
+                            run_lock, sha256_file, write_json_atomic)
+
+log = logging.getLogger("lab.prepare")
+MB = 1 << 20
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _per_source(node: Any, name: str) -> dict[str, Any]:
+    """`default` merged with the source's own entry (prepare.normalize / prepare.filters)."""
+    node = _plain(node) or {}
+    merged = dict(node.get("default") or {})
+    merged.update(node.get(name) or {})
+    return merged
+
+
+@dataclass
+class Settings:
+    """The composed config, validated and resolved into plain values."""
+
+    prepared_dir: Path
+    work_dir: Path
+    sources: dict[str, SourceSpec]
+    normalize: dict[str, dict[str, Any]]
+    filters: dict[str, dict[str, Any]]
+    dedup: dict[str, Any]
+    split_salt: str
+    vocab_size: int
+    seq_len: int
+    tokenizer_name: str
+    training: dict[str, Any]
+    report: dict[str, Any]
+    workers: int
+    batch_bytes: int
+    max_pending: int
+    max_doc_bytes: int
+    progress: bool
+    zstd_level: int
+    batch_docs: int
+    normalize_default: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)  # the config written into the manifest
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> "Settings":
+        for key in ("data", "tokenizer", "prepare"):
+            if key not in cfg:
+                raise LabError(f"config has no `{key}` node: run lab.prepare with conf/prepare.yaml")
+        data, prep = cfg.data, cfg.prepare
+        if not data.get("sources"):
+            raise LabError("data.sources is empty: nothing to prepare")
+        sources = {name: SourceSpec.from_cfg(name, node) for name, node in data.sources.items()}
+        normalize = {name: _per_source(prep.normalize, name) for name in sources}
+        filters = {name: _per_source(prep.filters, name) for name in sources}
+        for name in sources:  # fail on a typo now, not in a worker
+            Normalizer.from_cfg(normalize[name])
+            DocFilter.from_cfg(filters[name])
+        seq_len, vocab_size = int(data.seq_len), int(cfg.tokenizer.vocab_size)
+        if seq_len < 2:
+            raise LabError(f"data.seq_len={seq_len}: must be at least 2")
+        if vocab_size < 256 + len(tk.SPECIAL_TOKENS):
+            raise LabError(f"tokenizer.vocab_size={vocab_size}: a byte-level BPE needs at least "
+                           f"{256 + len(tk.SPECIAL_TOKENS)} (256 bytes + special tokens)")
+        dedup = _plain(prep.dedup)
+        if not 0.0 < float(dedup["threshold"]) < 1.0:
+            raise LabError(f"prepare.dedup.threshold={dedup['threshold']}: expected 0 < threshold < 1")
+        unknown = set(dedup.get("keep_priority") or []) - set(sources)
+        if unknown:
+            log.warning("prepare.dedup.keep_priority names unknown source(s) %s", sorted(unknown))
+        record = {"data": _plain(data), "tokenizer": _plain(cfg.tokenizer), "prepare": _plain(prep)}
+        return cls(
+            prepared_dir=Path(str(data.prepared_dir)).expanduser().absolute(),
+            work_dir=Path(str(prep.work_dir)).expanduser().absolute(),
+            sources=sources, normalize=normalize, filters=filters, dedup=dedup,
+            split_salt=str(prep.split.salt), vocab_size=vocab_size, seq_len=seq_len,
+            tokenizer_name=str(cfg.tokenizer.get("name", "bpe")), training=_plain(prep.tokenizer_training),
+            report=_plain(prep.report), workers=resolve_workers(prep.workers),
+            batch_bytes=max(1, int(float(prep.batch_mb) * MB)), max_pending=int(prep.max_pending),
+            max_doc_bytes=int(float(prep.max_doc_mb) * MB), progress=bool(prep.progress),
+            zstd_level=int(prep.zstd_level), batch_docs=int(prep.pack.batch_docs),
+            normalize_default=_per_source(prep.normalize, ""), record=record)
+
+    @property
+    def minhash(self) -> dict[str, Any]:
+        return {k: self.dedup[k] for k in ("num_perm", "threshold", "shingle_words", "seed", "false_negative_weight")}
+
+    @property
+    def tokenizer_fold(self) -> bool:
+        """Whether the saved tokenizer's own normalizer folds cedillas (prepare.normalize.default)."""
+        return bool(self.normalize_default.get("fold_cedilla", True))
+
+
+def _clock() -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process and every worker it has reaped)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter(), own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class Pipeline:
+    """The steps of one `lab.prepare` run over one prepared folder."""
+
+    def __init__(self, settings: Settings):
+        self.s = settings
+        self.store = StepStore(settings.work_dir)
+        self.scan_dir = settings.work_dir / "scan"
+        self.timings: dict[str, dict[str, Any]] = {}
+
+    # --- helpers ------------------------------------------------------------------------------------
+
+    def _bar(self, desc: str, total: float | None, unit: str = "B") -> tqdm:
+        return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1000, mininterval=0.5,
+                    dynamic_ncols=True, disable=None if self.s.progress else True, leave=False)
+
+    def _time(self, step: str, start: tuple[float, float], nbytes: int, reused: bool, workers: int = 1) -> None:
+        """Record a step's wall and CPU seconds (this process + its reaped workers) for lab.bench_data."""
+        wall, cpu = _clock()
+        self.timings[step] = {"seconds": round(wall - start[0], 3), "cpu_seconds": round(cpu - start[1], 3),
+                              "bytes": int(nbytes), "workers": workers, "reused": reused}
+
+    def _reuse(self, step: str, fp: str, outputs_ok) -> dict[str, Any] | None:
+        done = self.store.load(step, fp)
+        if done is not None and outputs_ok(done):
+            log.info("reusing %s (fingerprint %s)", step, fp)
+            return done
+        self.store.invalidate(step)  # about to rewrite its outputs: never leave a stale marker
+        return None
+
+    def shards(self, scan: dict[str, Any]) -> Iterator[tuple[str, int, int, Path]]:
+        """(source, shard index, documents, prefix) of every scan shard in global document order."""
+        for name in self.s.sources:
+            for index, n_docs in scan["sources"][name]["shards"]:
+                yield name, index, n_docs, sc.shard_prefix(self.scan_dir, name, index)
+
+    def shard_meta(self, scan: dict[str, Any], dedup: dict[str, Any]) -> Iterator[tuple[str, int, Path, dict, np.ndarray]]:
+        """Per shard: source, index, prefix, meta arrays and dedup status."""
+        status = np.load(self.s.work_dir / "dedup" / "status.npy", mmap_mode="r")
+        offset = 0
+        for name, index, n_docs, prefix in self.shards(scan):
+            meta = dd.ShardArrays(prefix, n_docs).meta()
+            yield name, index, prefix, meta, np.asarray(status[offset:offset + n_docs])
+            offset += n_docs
+
+    # --- steps ----------------------------------------------------------------------------------------
+
+    def scan(self) -> dict[str, Any]:
+        start = _clock()
+        files = {name: spec.files() for name, spec in self.s.sources.items()}  # a missing path fails here
+        fp = fingerprint("scan", {name: [file_stamp(f) for f in fs] for name, fs in files.items()},
+                         {name: [spec.kind, spec.text_field, spec.id_field, spec.val_fraction]
+                          for name, spec in self.s.sources.items()},
+                         self.s.normalize, self.s.filters, self.s.minhash, self.s.split_salt,
+                         self.s.batch_bytes, self.s.max_doc_bytes, self.s.zstd_level)
+
+        def outputs_ok(done: dict[str, Any]) -> bool:
+            return all(Path(f"{prefix}.stats.json").is_file() for *_, prefix in self.shards(done))
+
+        total = sum(f.stat().st_size for fs in files.values() for f in fs)
+        if (done := self._reuse("scan", fp, outputs_ok)) is not None:
+            self._time("scan", start, total, True)
+            return done
+        sc.reset_dir(self.scan_dir, fp)
+        config = sc.ScanConfig(self.scan_dir, {name: sc.SourceScanConfig(spec, self.s.normalize[name],
+                                                                         self.s.filters[name])
+                                               for name, spec in self.s.sources.items()},
+                               self.s.minhash, self.s.split_salt, self.s.zstd_level)
+        per_source: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        workers = min(self.s.workers, max(1, math.ceil(total / self.s.batch_bytes)))
+        with self._bar("scan", total) as bar:
+            tasks = sc.iter_tasks(config, self.s.batch_bytes, self.s.max_doc_bytes, on_bytes=bar.update)
+            for shard in ordered_map(sc.scan_shard, tasks, workers, initializer=sc.init_worker,
+                                     initargs=(config,), max_pending=self.s.max_pending):
+                per_source[shard["source"]].append(shard)
+                crash_point("scan.shard")
+        result = {"sources": {name: sc.summarize(per_source[name]) for name in self.s.sources}}
+        for name, summary in result["sources"].items():
+            for note in summary["notes"]:
+                log.warning("source %s: %s line %s: %s", name, note["file"], note["line"], note["reason"])
+        self.store.save("scan", fp, result)
+        crash_point("scan.done")
+        self._time("scan", start, total, False, workers)
+        return result
+
+    def dedup(self, scan: dict[str, Any]) -> dict[str, Any]:
+        start = _clock()
+        cfg = self.s.dedup
+        fp = fingerprint("dedup", self.store.fingerprint_of("scan"), cfg["exact"], cfg["near"], cfg.get("keep_priority"))
+        status_path = self.s.work_dir / "dedup" / "status.npy"
+        if (done := self._reuse("dedup", fp, lambda _: status_path.is_file())) is not None:
+            self._time("dedup", start, 0, True)
+            return done
+        shards = list(self.shards(scan))
+        arrays = [dd.ShardArrays(prefix, n) for _, _, n, prefix in shards]
+        n_total = sum(a.n_docs for a in arrays)
+        # Which copy of a cluster survives: keep_priority order of sources, then document order.
+        priority = list(cfg.get("keep_priority") or [])
+        order = priority + [n for n in self.s.sources if n not in priority]
+        source_rank = np.concatenate([np.full(n, order.index(name), dtype=np.int64) for name, _, n, _ in shards]
+                                     ) if shards else np.empty(0, np.int64)
+        doc_rank = source_rank * max(1, n_total) + np.arange(n_total, dtype=np.int64)
+        del source_rank
+        minhasher = dd.MinHasher(**self.s.minhash)
+        with self._bar("dedup", minhasher.bands if cfg["near"] else 0, unit="band") as bar:
+            found = dd.deduplicate(arrays, doc_rank, exact=cfg["exact"], near=cfg["near"],
+                                   threshold=float(cfg["threshold"]), n_bands=minhasher.bands, progress=bar)
+        del doc_rank
+        with atomic_path(status_path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, found.status)
+        result: dict[str, Any] = {"docs": n_total, "bands": minhasher.bands, "rows": minhasher.rows,
+                                  "candidate_pairs": found.candidate_pairs, "verified_pairs": found.verified_pairs,
+                                  "sources": {}}
+        bounds = self._source_bounds(shards)
+        examples_wanted = {name: [] for name in self.s.sources}
+        for dropped, kept in sorted(found.duplicate_of.items()):
+            name = self._source_at(bounds, dropped)
+            if len(examples_wanted[name]) < sc.EXAMPLES:
+                examples_wanted[name].append((dropped, kept))
+        locate = self._doc_locator(shards)
+        for name, (lo, hi) in bounds.items():
+            part = found.status[lo:hi]
+            result["sources"][name] = {
+                "exact": int((part == dd.EXACT).sum()), "near": int((part == dd.NEAR).sum()),
+                "examples": [{"doc": locate(d), "duplicate_of": locate(k),
+                              "kind": "exact" if found.status[d] == dd.EXACT else "near"}
+                             for d, k in examples_wanted[name]]}
+        self.store.save("dedup", fp, result)
+        crash_point("dedup.done")
+        self._time("dedup", start, 0, False)
+        return result
+
+    @staticmethod
+    def _source_bounds(shards: list[tuple[str, int, int, Path]]) -> dict[str, tuple[int, int]]:
+        bounds: dict[str, list[int]] = {}
+        offset = 0
+        for name, _, n, _ in shards:
+            lo_hi = bounds.setdefault(name, [offset, offset])
+            lo_hi[1] = offset + n
+            offset += n
+        return {name: (lo, hi) for name, (lo, hi) in bounds.items()}
+
+    @staticmethod
+    def _source_at(bounds: dict[str, tuple[int, int]], index: int) -> str:
+        return next(name for name, (lo, hi) in bounds.items() if lo <= index < hi)
+
+    @staticmethod
+    def _doc_locator(shards: list[tuple[str, int, int, Path]]):
+        offsets = np.cumsum([0] + [n for _, _, n, _ in shards])
+
+        def locate(index: int) -> str:
+            shard = int(np.searchsorted(offsets, index, side="right") - 1)
+            name, _, _, prefix = shards[shard]
+            for position, doc in enumerate(sc.read_docs(prefix)):
+                if position == index - offsets[shard]:
+                    return f"{name}:{doc['id']}"
+            return f"{name}:#{index}"
+        return locate
+
+    def _sample_selection(self, scan, dedup) -> tuple[dict[str, int], dict[str, float]]:
+        """Key-bucket thresholds of the tokenizer sample per source, and the sample's bytes per source."""
+        histograms = {name: np.zeros(1 << tk.KEY_BITS, dtype=np.float64) for name in self.s.sources}
+        for name, _, _, meta, status in self.shard_meta(scan, dedup):
+            train = (status == dd.KEEP) & (meta["split"] == TRAIN)
+            histograms[name] += np.bincount(tk.key_bucket(meta["sample"][train]),
+                                            weights=meta["text_bytes"][train], minlength=1 << tk.KEY_BITS)
+        budget = float(self.s.training["byte_budget_mb"]) * MB
+        thresholds = tk.budget_thresholds(histograms, budget, self.s.training.get("source_shares"))
+        taken = {name: float(h[: thresholds[name] + 1].sum()) for name, h in histograms.items()}
+        return thresholds, taken
+
+    def _sample_texts(self, scan, dedup, thresholds: dict[str, int], fold: bool, limit_bytes: float | None = None,
+                      bar: tqdm | None = None) -> Iterator[str]:
+        """The tokenizer sample, in document order: folded (as trained) or as stored."""
+        taken = 0
+        for name, _, prefix, meta, status in self.shard_meta(scan, dedup):
+            chosen = ((status == dd.KEEP) & (meta["split"] == TRAIN)
+                      & (tk.key_bucket(meta["sample"]) <= thresholds[name]))
+            if not chosen.any():
+                continue
+            normalizer = Normalizer.from_cfg(self.s.normalize[name])
+            for position, doc in enumerate(sc.read_docs(prefix)):
+                if not chosen[position]:
+                    continue
+                text = normalizer.fold(doc["text"]) if fold else doc["text"]
+                size = int(meta["text_bytes"][position])
+                if limit_bytes is not None and taken + size > limit_bytes and taken > 0:
+                    return
+                taken += size
+                if bar is not None:
+                    bar.update(size)
+                yield text
+
+    def tokenizer(self, scan, dedup) -> dict[str, Any]:
+        start = _clock()
+        fp = fingerprint("tokenizer", self.store.fingerprint_of("dedup"), self.s.vocab_size, self.s.training,
+                         self.s.tokenizer_fold)
+        folder = self.s.prepared_dir / "tokenizer"
+
+        def outputs_ok(done: dict[str, Any]) -> bool:
+            path = folder / "tokenizer.json"
+            return path.is_file() and sha256_file(path) == done["sha256"]
+
+        if (done := self._reuse("tokenizer", fp, outputs_ok)) is not None:
+            self._time("tokenizer", start, 0, True)
+            return done
+        thresholds, taken = self._sample_selection(scan, dedup)
+        total = sum(taken.values())
+        if total == 0:
+            raise LabError("no training documents left to train the tokenizer on: every document was "
+                           "malformed, filtered or a duplicate (see the counts above and prepare.filters)")
+        fold = self.s.tokenizer_fold
+        with self._bar("tokenizer", total) as bar:
+            tokenizer = tk.train_bpe(self._sample_texts(scan, dedup, thresholds, True, bar=bar), self.s.vocab_size,
+                                     min_frequency=int(self.s.training["min_frequency"]), fold=fold)
+        with atomic_path(folder) as tmp:
+            tk.save_pretrained(tokenizer, tmp)
+        saved = tk.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        vocab = saved.get_vocab_size(with_added_tokens=True)
+        result = {"sha256": sha256_file(folder / "tokenizer.json"), "vocab_size": vocab,
+                  "dtype": tk.token_dtype(vocab), "eos_token_id": saved.token_to_id(tk.EOS),
+                  "pad_token_id": saved.token_to_id(tk.PAD), "sample_bytes": {k: int(v) for k, v in taken.items()},
+                  "sample_thresholds": thresholds}
+        if vocab < self.s.vocab_size:
+            log.warning("the tokenizer has %d tokens, fewer than tokenizer.vocab_size=%d: the sample ran out "
+                        "of pairs to merge", vocab, self.s.vocab_size)
+        self.store.save("tokenizer", fp, result)
+        crash_point("tokenizer.done")
+        self._time("tokenizer", start, int(total), False)
+        return result
+
+    def report(self, scan, dedup, tok: dict[str, Any]) -> dict[str, Any]:
+        start = _clock()
+        fp = fingerprint("report", self.store.fingerprint_of("tokenizer"), self.s.report)
+        if (done := self._reuse("report", fp, lambda _: True)) is not None:
+            self._time("report", start, 0, True)
+            return done
+        heldout, heldout_kind = self._heldout(scan, dedup, tok)
+        folded = {name: [Normalizer.from_cfg(self.s.normalize[name]).fold(t) for t in texts]
+                  for name, texts in heldout.items()}
+        thresholds = tok["sample_thresholds"]
+        limit = float(self.s.report["train_mb"]) * MB if self.s.report.get("train_mb") else None
+        vocab, min_freq = self.s.vocab_size, int(self.s.training["min_frequency"])
+        this = tk.Tokenizer.from_file(str(self.s.prepared_dir / "tokenizer" / "tokenizer.json"))
+        # (name, tokenizer, held-out text as that tokenizer is fed it, bytes it was trained on)
+        sample_bytes = sum(tok["sample_bytes"].values())
+        rows: list[tuple[str, Any, dict[str, list[str]], int]] = [
+            (f"{self.s.tokenizer_name} (this)", this, folded, sample_bytes)]
+        if limit is not None and limit < sample_bytes:
+            # The variants train on a smaller sample: add this config trained on it too, so the
+            # comparison is like for like.
+            sizes_ref: list[int] = []
+            sample = (sizes_ref.append(len(t.encode("utf-8"))) or t
+                      for t in self._sample_texts(scan, dedup, thresholds, fold=True, limit_bytes=limit))
+            same = tk.train_bpe(sample, vocab, min_frequency=min_freq, fold=self.s.tokenizer_fold)
+            rows.append((f"{self.s.tokenizer_name}, same sample", same, folded, sum(sizes_ref)))
+        for variant in self.s.report.get("variants") or []:
+            if variant not in ("no_fold", "unigram"):
+                raise LabError(f"prepare.report.variants: unknown variant {variant!r} (known: no_fold, unigram)")
+            fold = variant != "no_fold"
+            sizes: list[int] = []
+            with self._bar(f"report: {variant}", min(limit or sample_bytes, sample_bytes)) as bar:
+                sample = (sizes.append(len(t.encode("utf-8"))) or t for t in
+                          self._sample_texts(scan, dedup, thresholds, fold=fold, limit_bytes=limit, bar=bar))
+                if variant == "no_fold":
+                    trained = tk.train_bpe(sample, vocab, min_frequency=min_freq, fold=False)
+                    rows.append(("bpe, no cedilla fold", trained, heldout, sum(sizes)))
+                else:
+                    rows.append(("unigram", tk.train_unigram(sample, vocab), folded, sum(sizes)))
+        rows.append(("utf-8 bytes", None, folded, 0))
+        result = {"comparison": {"heldout": heldout_kind,
+                                 "heldout_bytes": {s: sum(len(t.encode("utf-8")) for t in ts) for s, ts in folded.items()},
+                                 "rows": tk.comparison_table(rows)}}
+        self.store.save("report", fp, result)
+        crash_point("report.done")
+        self._time("report", start, 0, False)
+        return result
+
+    def _heldout(self, scan, dedup, tok) -> tuple[dict[str, list[str]], dict[str, str]]:
+        """Up to eval_mb of validation text per source (training text the tokenizer never saw if a
+        source has no validation documents), as stored (before the fold)."""
+        limit = float(self.s.report["eval_mb"]) * MB
+        texts: dict[str, list[str]] = {name: [] for name in self.s.sources}
+        kinds: dict[str, str] = {}
+        for want in ("val", "train-unsampled"):
+            sizes = {name: 0 for name in self.s.sources}
+            for name, _, prefix, meta, status in self.shard_meta(scan, dedup):
+                if kinds.get(name, want) != want or sizes[name] >= limit:
+                    continue
+                if want == "val":
+                    chosen = (status == dd.KEEP) & (meta["split"] == VAL)
+                else:
+                    chosen = ((status == dd.KEEP) & (meta["split"] == TRAIN)
+                              & (tk.key_bucket(meta["sample"]) > tok["sample_thresholds"][name]))
+                if not chosen.any():
+                    continue
+                for position, doc in enumerate(sc.read_docs(prefix)):
+                    if chosen[position] and sizes[name] < limit:
+                        texts[name].append(doc["text"])
+                        sizes[name] += int(meta["text_bytes"][position])
+            for name in self.s.sources:
+                if texts[name] and name not in kinds:
+                    kinds[name] = want
+        return {name: t for name, t in texts.items() if t}, kinds
+
+    def pack(self, scan, dedup, tok) -> dict[str, Any]:
+        start = _clock()
+        dtype, seq_len = tok["dtype"], self.s.seq_len
+        parts_fp = fingerprint("pack-parts", self.store.fingerprint_of("dedup"), tok["sha256"], dtype,
+                               {n: self.s.normalize[n].get("fold_cedilla", True) for n in self.s.sources})
+        fp = fingerprint("pack", parts_fp, seq_len)
+
+        def outputs_ok(done: dict[str, Any]) -> bool:
+            itemsize = np.dtype(dtype).itemsize
+            return all((self.s.prepared_dir / info["file"]).is_file()
+                       and (self.s.prepared_dir / info["file"]).stat().st_size == info["blocks"] * seq_len * itemsize
+                       for splits in done["sources"].values() for info in splits.values())
+
+        if (done := self._reuse("pack", fp, outputs_ok)) is not None:
+            self._time("pack", start, 0, True)
+            return done
+        parts_dir = self.s.work_dir / "pack"
+        sc.reset_dir(parts_dir, parts_fp)
+        config = pk.PackConfig(self.s.prepared_dir / "tokenizer" / "tokenizer.json", parts_dir, dtype,
+                               {name: self.s.normalize[name] for name in self.s.sources}, self.s.batch_docs)
+        words: dict[str, dict[str, int]] = {name: {split: 0 for split in SPLITS} for name in self.s.sources}
+        kept_bytes = 0
+        tasks = []
+        for name, index, prefix, meta, status in self.shard_meta(scan, dedup):
+            kept = status == dd.KEEP
+            for split_id, split in enumerate(SPLITS):
+                words[name][split] += int(meta["words"][kept & (meta["split"] == split_id)].sum())
+            kept_bytes += int(meta["text_bytes"][kept].sum())
+            tasks.append(pk.PackTask(name, index, prefix, status.astype(np.uint8).tobytes(),
+                                     meta["split"].astype(np.uint8).tobytes()))
+        totals = {name: {split: {"docs": 0, "text_bytes": 0} for split in SPLITS} for name in self.s.sources}
+        parts: dict[str, list[int]] = defaultdict(list)
+        # Spawning a worker costs ~1 s of imports: only worth it for a few MB of text each.
+        workers = min(self.s.workers, len(tasks), max(1, kept_bytes // (4 * MB)))
+        with self._bar("pack", kept_bytes) as bar:
+            for part in ordered_map(pk.pack_shard, iter(tasks), workers, initializer=pk.init_worker,
+                                    initargs=(config,), max_pending=self.s.max_pending):
+                for split in SPLITS:
+                    totals[part["source"]][split]["docs"] += part[split]["docs"]
+                    totals[part["source"]][split]["text_bytes"] += part[split]["text_bytes"]
+                    bar.update(part[split]["text_bytes"])
+                parts[part["source"]].append(part["index"])
+                crash_point("pack.part")
+        result: dict[str, Any] = {"sources": {}}
+        for name in self.s.sources:
+            result["sources"][name] = {}
+            for split in SPLITS:
+                files = [Path(f"{pk.part_prefix(parts_dir, name, i)}.{split}.bin") for i in parts[name]]
+                rel = f"{name}/{split}.bin"
+                packed = pk.concat_parts(files, self.s.prepared_dir / rel, dtype, seq_len)
+                result["sources"][name][split] = {"file": rel, **totals[name][split], "words": words[name][split],
+                                                  **packed}
+        self.store.save("pack", fp, result)
+        crash_point("pack.done")
+        self._time("pack", start, kept_bytes, False, workers)
+        return result
+
+    # --- manifest ----------------------------------------------------------------------------------------
+
+    def manifest(self, scan, dedup, tok, report, packed) -> dict[str, Any]:
+        sources: dict[str, Any] = {}
+        files = {"tokenizer/tokenizer.json": tok["sha256"]}
+        fertility: dict[str, Any] = {}
+        for name, spec in self.s.sources.items():
+            sc_, dd_, pk_ = scan["sources"][name], dedup["sources"][name], packed["sources"][name]
+            rules = DocFilter.from_cfg(self.s.filters[name]).rule_names
+            splits = {split: {k: pk_[split][k] for k in ("file", "docs", "text_bytes", "tokens", "blocks",
+                                                         "tail_tokens", "sha256", "words")} for split in SPLITS}
+            for split in SPLITS:
+                files[splits[split]["file"]] = splits[split]["sha256"]
+            fertility[name] = {split: {"tokens": s["tokens"], "words": s["words"], "text_bytes": s["text_bytes"],
+                                       "tokens_per_word": round(s["tokens"] / max(1, s["words"]), 4),
+                                       "bytes_per_token": round(s["text_bytes"] / max(1, s["tokens"]), 4)}
+                               for split, s in splits.items()}
+            sources[name] = {
+                "kind": spec.kind, "path": str(spec.path),
+                "docs_in": sc_["docs_in"],
+                "docs_kept": sum(s["docs"] for s in splits.values()),
+                "docs_filtered": {rule: sc_["filtered"].get(rule, 0) for rule in rules},
+                "docs_duplicate": dd_["exact"] + dd_["near"],
+                "docs_malformed": sum(sc_["malformed"].values()),
+                "docs_duplicate_exact": dd_["exact"], "docs_duplicate_near": dd_["near"],
+                "malformed_reasons": sc_["malformed"], "malformed_examples": sc_["malformed_examples"],
+                "filtered_examples": sc_["filtered_examples"], "duplicate_examples": dd_["examples"],
+                "file_notes": sc_["notes"], "docs_utf8_repaired": sc_["utf8_repaired"],
+                "bytes_in": sc_["bytes_in"], "text_bytes": sum(s["text_bytes"] for s in splits.values()),
+                "tokens": sum(s["tokens"] for s in splits.values()),
+                "blocks": sum(s["blocks"] for s in splits.values()),
+                "tail_tokens": sum(s["tail_tokens"] for s in splits.values()),
+                "splits": splits,
+            }
+            mf.check_accounting(name, sources[name])
+        manifest = {
+            "version": mf.VERSION, "seq_len": self.s.seq_len, "dtype": tok["dtype"], "vocab_size": tok["vocab_size"],
+            "eos_token_id": tok["eos_token_id"], "pad_token_id": tok["pad_token_id"],
+            "tokenizer_sha256": tok["sha256"], "data_sha256": mf.data_sha256(files),
+            "sources": sources, "files": files,
+            "tokenizer_report": {"fertility": fertility, "comparison": report["comparison"],
+                                 "sample_bytes": tok["sample_bytes"]},
+            "dedup": {k: dedup[k] for k in ("docs", "bands", "rows", "candidate_pairs", "verified_pairs")},
+            "steps": {step: self.store.fingerprint_of(step) for step in ("scan", "dedup", "tokenizer", "report", "pack")},
+            "config": self.s.record,
+        }
+        path = self.s.prepared_dir / "manifest.json"
+        write_json_atomic(path, manifest)
+        crash_point("manifest.done")
+        return manifest
+
+    def run(self) -> dict[str, Any]:
+        scan = self.scan()
+        dedup = self.dedup(scan)
+        tok = self.tokenizer(scan, dedup)
+        report = self.report(scan, dedup, tok)
+        packed = self.pack(scan, dedup, tok)
+        manifest = self.manifest(scan, dedup, tok, report, packed)
+        write_json_atomic(self.s.work_dir / "timings.json", self.timings)
+        return manifest
+
+
+def run(cfg: DictConfig) -> Path:
+    """Prepare the data of a composed conf/prepare.yaml config; returns data.prepared_dir."""
+    settings = Settings.from_cfg(cfg)
+    with run_lock(settings.prepared_dir):
+        remove_stale_tmp(settings.prepared_dir)
+        remove_stale_tmp(settings.work_dir)
+        manifest = Pipeline(settings).run()
+    log.info("prepared %s\n%s", settings.prepared_dir, mf.summary_table(manifest))
+    log.info("tokenizer report\n%s", tk.format_report(manifest["tokenizer_report"]))
+    mf.log_to_mlflow(manifest)
+    return settings.prepared_dir
+
+
+@hydra.main(config_path="../conf", config_name="prepare")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except LabError as err:
+        log.error("%s", err)
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

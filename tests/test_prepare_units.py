@@ -1,0 +1,275 @@
+"""Unit tests of the data pipeline's parts (lab/data/*): small inputs built in each test."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+
+from lab import LabError
+from lab.data import dedup as dd
+from lab.data.filters import RULES, DocFilter, DocStats
+from lab.data.io import RawRecord, SourceSpec, iter_source, parse_record
+from lab.data.normalize import Normalizer, fold_cedilla
+from lab.data.pack import concat_parts, pieces
+from lab.data.split import TRAIN, VAL, assign_split, sample_key
+from lab.data.tokenizer import budget_thresholds, save_pretrained, token_dtype, train_bpe
+
+# A paragraph of ordinary Romanian prose that passes every default web rule.
+PROSE = ("Primăria a anunțat că lucrările de modernizare a străzii principale vor începe luna viitoare și vor "
+         "dura aproximativ trei luni. Locuitorii din zonă au fost informați că traficul va fi deviat pe străzile "
+         "laterale, iar autobuzele vor avea un traseu temporar. Reprezentanții administrației locale au spus că "
+         "proiectul este finanțat din fonduri europene și că, după finalizare, strada va avea trotuare mai late, "
+         "piste pentru biciclete și un sistem nou de iluminat public.")
+
+
+def web_filter() -> DocFilter:
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(Path(__file__).parents[1] / "conf" / "prepare.yaml")
+    return DocFilter.from_cfg(OmegaConf.to_container(conf.prepare.filters.default))
+
+
+# --- normalisation ---------------------------------------------------------------------------------
+
+def test_nfc_and_cedilla_fold():
+    nfd = unicodedata.normalize("NFD", "Ştiinţa şi ţara")  # s + U+0327 combining cedilla
+    assert nfd != "Ştiinţa şi ţara"
+    text = Normalizer()(nfd)
+    assert text == "Ştiinţa şi ţara"  # composed; the fold is applied on read
+    assert Normalizer().fold(text) == "Știința și țara"
+    assert fold_cedilla("ŞŢşţ") == "ȘȚșț"
+    assert Normalizer(fold_cedilla=False).fold("ş") == "ş"
+
+
+def test_control_characters_and_whitespace():
+    raw = "\ufeffUnu\x07 doi\u200b trei\r\npatru\u00a0\u00a0cinci\t\tşase  \n\n\n\nșapte\x0cpagină\u00adnouă  "
+    assert Normalizer()(raw) == "Unu doi trei\npatru cinci şase\n\nșapte\npaginănouă"
+
+
+def test_book_cleanup_page_numbers_headers_hyphenation_and_wraps():
+    width_line = "Aceasta este o linie lungă de proză tipărită, tăiată la lățimea paginii"
+    body = "\n".join([width_line] * 24)
+    book = (f"TITLUL CĂRȚII\n\n{body}\nun bătrân din Bâr-\n\n12\n\nTITLUL CĂRȚII\n\nsana mi-a spus că pe vremuri\n"
+            f"poarta era mândria casei. Am mers într-\nun sat frumos și am văzut frumu-\nsețea locului.\n\n"
+            + "\n\n".join(f"- {n} -\n\nTITLUL CĂRȚII\n\nAlt paragraf {n}." for n in range(13, 17)))
+    out = Normalizer(page_numbers=True, running_headers=True, dehyphenate=True, unwrap_lines=True)(book)
+    assert out.startswith("TITLUL CĂRȚII\n\n")  # the title page stays, the running headers go
+    assert out.count("TITLUL CĂRȚII") == 1
+    assert "12" not in out and "- 13 -" not in out
+    assert "Bârsana mi-a spus că pe vremuri poarta era mândria casei." in out  # joined across the page break
+    assert "într-un sat" in out  # a clitic hyphen is kept
+    assert "frumusețea locului" in out  # a word hyphen is removed
+    assert "\n" not in out.split("\n\n")[1]  # the hard-wrapped paragraph is one line
+
+
+def test_book_cleanup_keeps_verse_and_dialogue():
+    verse = "A fost odată ca-n povești,\nA fost ca niciodată,\nDin rude mari împărătești,\nO prea frumoasă fată."
+    dialogue = "— Unde te duci?\n— La moară, răspunse el."
+    norm = Normalizer(page_numbers=True, running_headers=True, dehyphenate=True, unwrap_lines=True)
+    assert norm(verse) == verse
+    assert norm(dialogue) == dialogue
+
+
+# --- filters -----------------------------------------------------------------------------------------
+
+FAILING = {
+    "min_words": "Prea scurt.",
+    "max_words": None,
+    "max_replacement_frac": PROSE + " \ufffd\ufffd\ufffd",
+    "blocklist": PROSE + " Lorem ipsum dolor sit amet.",
+    "mean_word_length": " ".join(["a b c d e f g h și în"] * 5),
+    "max_symbol_frac": PROSE + " " + "#$%&*+=<>|~^" * 40,
+    "max_digit_frac": PROSE + " " + " ".join(str(1000 + i) for i in range(80)),
+    "max_url_frac": PROSE + " " + " ".join(f"https://exemplu.ro/pagina/{i}/articol" for i in range(15)),
+    "min_alpha_word_frac": "Cod și preț: " + " ".join(str(i) for i in range(40)) + " " + PROSE[:80],
+    "min_stopword_frac": ("The city council approved a new plan to expand the bike lane network by thirty kilometres "
+                          "over the next two years. Officials said the project will connect schools and parks."),
+    "max_bullet_line_frac": "\n".join(f"• produsul numărul {i} este disponibil în magazin și online" for i in range(12)),
+    "max_ellipsis_line_frac": "\n".join(f"Citește mai mult despre subiectul {i} și despre alte noutăți..."
+                                        for i in range(12)),
+    "max_dup_line_frac": "\n".join([PROSE[:120]] * 6 + [PROSE[120:240]]),
+    "max_dup_line_char_frac": None,
+    "max_top_ngram_char_frac": PROSE + " " + "cazare ieftină " * 40,
+    "max_dup_ngram_char_frac": PROSE[:200] + " " + PROSE[:200] + " " + PROSE[200:],
+}
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_each_filter_rule_drops_what_it_names(rule):
+    doc_filter = web_filter()
+    assert doc_filter.first_failure(DocStats(PROSE)) is None
+    text = FAILING[rule]
+    if text is None:  # earlier rules catch any text that fails this one at the defaults: test it alone
+        failing, threshold = {"max_words": (PROSE, 10),
+                              "max_dup_line_char_frac": ("\n".join([PROSE[:200]] * 2 + [PROSE[200:]]), 0.2)}[rule]
+        assert RULES[rule](DocStats(failing), threshold)
+        assert not RULES[rule](DocStats(PROSE), doc_filter.thresholds[rule])
+        return
+    assert RULES[rule](DocStats(text), doc_filter.thresholds[rule]), rule
+
+
+def test_filter_config_errors_and_disabling():
+    with pytest.raises(LabError, match="unknown filter rule"):
+        DocFilter.from_cfg({"min_wrds": 3})
+    assert DocFilter.from_cfg({"min_words": None, "max_words": 5}).rule_names == ["max_words"]
+
+
+# --- splitting --------------------------------------------------------------------------------------
+
+def test_split_is_deterministic_and_close_to_the_fraction():
+    splits = [assign_split("web", f"doc-{i}", 0.1) for i in range(5000)]
+    assert splits == [assign_split("web", f"doc-{i}", 0.1) for i in range(5000)]
+    assert 0.08 < splits.count(VAL) / len(splits) < 0.12
+    assert assign_split("web", "x", 0.0) == TRAIN
+    # the sample key is independent of the split key
+    assert sample_key("web", "doc-1") != sample_key("books", "doc-1")
+
+
+# --- deduplication -----------------------------------------------------------------------------------
+
+def _shard(tmp_path: Path, name: str, texts: list[str], hasher: dd.MinHasher) -> dd.ShardArrays:
+    stats = [DocStats(t) for t in texts]
+    sig = np.stack([hasher.signature(s) for s in stats])
+    prefix = tmp_path / name
+    np.savez(f"{prefix}.meta.npz", exact=np.array([dd.hash_text(t) for t in texts], dtype=np.uint64))
+    np.save(f"{prefix}.bands.npy", hasher.band_keys(sig))
+    np.save(f"{prefix}.sig.npy", sig)
+    return dd.ShardArrays(prefix, len(texts))
+
+
+def test_exact_and_near_duplicates_within_and_across_sources(tmp_path):
+    hasher = dd.MinHasher(num_perm=128, threshold=0.8, shingle_words=5, seed=1)
+    other = "Echipa națională de handbal a câștigat meciul de aseară după o repriză a doua foarte bună. " * 3
+    near = PROSE.replace("trei luni", "patru luni")
+    web = _shard(tmp_path, "web", [PROSE, other, PROSE, near], hasher)
+    books = _shard(tmp_path, "books", [other + " Sfârșit."], hasher)
+    # rank: books first (priority), then document order
+    rank = np.array([10, 11, 12, 13, 0])
+    found = dd.deduplicate([web, books], rank, exact=True, near=True, threshold=0.8, n_bands=hasher.bands)
+    assert found.status.tolist() == [dd.KEEP, dd.NEAR, dd.EXACT, dd.NEAR, dd.KEEP]
+    assert found.duplicate_of == {1: 4, 2: 0, 3: 0}
+
+
+def test_dedup_switches(tmp_path):
+    hasher = dd.MinHasher(num_perm=64, threshold=0.8, shingle_words=5, seed=1)
+    shard = _shard(tmp_path, "w", [PROSE, PROSE, PROSE.replace("trei", "patru")], hasher)
+    only_exact = dd.deduplicate([shard], np.arange(3), exact=True, near=False, threshold=0.8, n_bands=hasher.bands)
+    assert only_exact.status.tolist() == [dd.KEEP, dd.EXACT, dd.KEEP]
+    none = dd.deduplicate([shard], np.arange(3), exact=False, near=False, threshold=0.8, n_bands=hasher.bands)
+    assert none.status.tolist() == [0, 0, 0]
+
+
+# --- reading and bad input ---------------------------------------------------------------------------
+
+def _spec(path: Path, kind: str = "jsonl") -> SourceSpec:
+    return SourceSpec(name="web", kind=kind, path=path)
+
+
+@pytest.mark.parametrize("line, reason", [
+    (b"\n", "blank_line"),
+    (b'{"id": 1, "text": "ok"', "invalid_json"),
+    (b'["a list"]', "not_an_object"),
+    (b'{"id": 1}', "missing_text_field"),
+    (b'{"id": 1, "text": null}', "null_text"),
+    (b'{"id": 1, "text": 42}', "text_not_string"),
+    (b'{"id": 1, "text": "\\ud800 x"}', "lone_surrogate"),
+    (b'{"id": 1, "text": "bad \xff byte"}', "invalid_utf8"),
+])
+def test_malformed_lines_get_a_reason(line, reason):
+    assert parse_record(RawRecord("web.jsonl", 3, line), _spec(Path("x"))) == reason
+
+
+def test_missing_id_falls_back_to_the_location():
+    assert parse_record(RawRecord("web.jsonl", 7, b'{"text": "salut"}'), _spec(Path("x")))[:2] == ("web.jsonl:7", "salut")
+    book = parse_record(RawRecord("carte.txt", 0, b"tar\xe3 \xff"), _spec(Path("x"), "txt_dir"))
+    assert book.repaired and book.text == "tar\ufffd \ufffd"
+
+
+def test_compressed_inputs_long_lines_and_truncation(tmp_path):
+    lines = [json.dumps({"id": i, "text": f"document {i}"}).encode() + b"\n" for i in range(5)]
+    lines[2] = json.dumps({"id": 2, "text": "x" * 5000}).encode() + b"\n"
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(b"".join(lines)))
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b"".join(lines)))
+    (tmp_path / "c.jsonl").write_bytes(b"")
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(b"".join(lines))[:-30])  # cut short
+    records = list(iter_source(_spec(tmp_path), max_bytes=1000))
+    by_file: dict[str, list[RawRecord]] = {}
+    for record in records:
+        by_file.setdefault(record.file, []).append(record)
+    for name in ("a.jsonl.gz", "b.jsonl.zst"):
+        assert [r.error for r in by_file[name]] == [None, None, "line_too_long", None, None]
+        assert [r.line for r in by_file[name]] == [1, 2, 3, 4, 5]
+    assert [(r.error, r.is_doc) for r in by_file["c.jsonl"]] == [("empty_file", False)]
+    assert by_file["d.jsonl.gz"][-1].error == "truncated_stream"
+
+
+def test_missing_path_is_a_lab_error(tmp_path):
+    with pytest.raises(LabError, match="does-not-exist"):
+        _spec(tmp_path / "does-not-exist").files()
+
+
+# --- tokenizer and packing ----------------------------------------------------------------------------
+
+def test_token_dtype_boundary():
+    assert token_dtype(40_000) == "uint16"
+    assert token_dtype(65_536) == "uint16"
+    assert token_dtype(65_537) == "uint32"
+
+
+def test_byte_level_bpe_round_trip_and_special_ids(tmp_path):
+    corpus = [fold_cedilla(PROSE)] * 20
+    tokenizer = train_bpe(iter(corpus), 400)
+    assert tokenizer.token_to_id("<|endoftext|>") == 0 and tokenizer.token_to_id("<|pad|>") == 1
+    # nothing maps to an unknown token; the tokenizer folds cedillas itself
+    for text in ["Știința și țara", "emoji 😀, 中文, ελληνικά, \t tab", "x" * 3]:
+        ids = tokenizer.encode(text).ids
+        assert tokenizer.decode(ids) == text
+    assert tokenizer.decode(tokenizer.encode("şi ţara").ids) == "și țara"
+    save_pretrained(tokenizer, tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert loaded.eos_token_id == 0 and loaded.pad_token_id == 1
+    assert loaded.decode(loaded("Știința")["input_ids"]) == "Știința"
+
+
+def test_budget_thresholds_by_size_and_by_share():
+    hist = {"web": np.ones(8) * 10, "books": np.ones(8) * 2}
+    assert budget_thresholds(hist, 1e9, None) == {"web": 7, "books": 7}  # everything
+    assert budget_thresholds(hist, 48, None) == {"web": 3, "books": 3}  # proportional: same key cut
+    assert budget_thresholds(hist, 40, {"web": 0.5, "books": 0.5}) == {"web": 1, "books": 7}
+    assert budget_thresholds(hist, 0, None) == {"web": -1, "books": -1}
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_concat_parts_cuts_whole_blocks(tmp_path, dtype):
+    parts = []
+    for i, n in enumerate([5, 7, 0, 3]):
+        path = tmp_path / f"p{i}.bin"
+        np.arange(n, dtype=dtype).tofile(path)
+        parts.append(path)
+    info = concat_parts(parts, tmp_path / "out.bin", dtype, seq_len=4)
+    assert (info["tokens"], info["blocks"], info["tail_tokens"]) == (15, 3, 3)
+    data = np.fromfile(tmp_path / "out.bin", dtype=dtype)
+    assert data.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]
+
+
+def test_long_documents_are_encoded_in_pieces_with_identical_tokens():
+    import random
+
+    tokenizer = train_bpe(iter([fold_cedilla(PROSE)] * 5), 300)
+    tokenizer.normalizer = None  # as in the pack workers
+    rng = random.Random(0)
+    alphabet = ["a", "b", "ș", " ", "  ", "\n", "\n\n", " \n", "\t", ".", ",", "'s", "1", "23", "😀", "—"]
+    for _ in range(100):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300)))
+        parts = pieces(text, 29)
+        assert "".join(parts) == text
+        whole = tokenizer.encode(text, add_special_tokens=False).ids
+        assert [i for p in parts for i in tokenizer.encode(p, add_special_tokens=False).ids] == whole
