@@ -55,9 +55,11 @@ class Throughput(L.Callback):
             self.tokens_per_s = pl_module.tokens_per_step / step_time
             metrics = {"throughput/tokens_per_s": self.tokens_per_s, "throughput/step_time_s": step_time,
                        "memory/peak_gb": peak_memory_gb(pl_module.device)}
-            if self.flops_per_token and self.peak_flops:
+            if self.flops_per_token:
                 per_device = self.tokens_per_s / trainer.world_size
-                metrics["throughput/mfu"] = per_device * self.flops_per_token / self.peak_flops
+                metrics["throughput/tflops_per_device"] = per_device * self.flops_per_token / 1e12
+                if self.peak_flops:  # known for GPUs (lab/flops.py table) or set by LAB_PEAK_TFLOPS
+                    metrics["throughput/mfu"] = per_device * self.flops_per_token / self.peak_flops
             pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -95,9 +97,9 @@ class StepLog(L.Callback):
         self.path = Path(path)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
-        if not trainer.is_global_zero or outputs is None:
-            return
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not trainer.is_global_zero or loss is None:
+            return  # a step the loss guard skipped has no loss
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         with self.path.open("a") as handle:
             handle.write(json.dumps({"step": trainer.global_step, "loss": float(loss), "lr": lr}) + "\n")

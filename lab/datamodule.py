@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -179,8 +180,17 @@ class RankSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         # position p goes to rank p % world_size: ranks interleave, never overlap, and cover the stage
-        for position in range(self.start + self.rank, self.order.num_samples, self.world_size):
-            yield self.order.index(position)
+        trace = os.environ.get("LAB_TRACE_BLOCKS_DIR")  # debugging aid: which blocks did each rank read?
+        handle = open(Path(trace) / f"rank{self.rank}.txt", "a") if trace else None
+        try:
+            for position in range(self.start + self.rank, self.order.num_samples, self.world_size):
+                index = self.order.index(position)
+                if handle:
+                    handle.write(f"{index}\n")
+                yield index
+        finally:
+            if handle:
+                handle.close()
 
     def __len__(self) -> int:
         # The whole stage's share, also when resuming: Lightning counts batches from the stage start

@@ -51,6 +51,7 @@ class CausalLMModule(L.LightningModule):
         self.stop_reason: str | None = None
         self._val_sums: dict[str, torch.Tensor] = {}
         self._stage_end_val: dict[str, float] = {}  # source -> val loss after the last stage that trained on it
+        self.last_val_step: int | None = None
 
     # -- model ------------------------------------------------------------------------------------------
     def _load_initial_weights(self, folder: str) -> None:
@@ -107,6 +108,7 @@ class CausalLMModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: torch.Tensor, batch_idx: int) -> None:
         self.log("tokens_seen", float(self.global_step * self.tokens_per_step), on_step=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
         self.log("stage", float(self.current_stage), on_step=True)
 
     @property
@@ -147,6 +149,7 @@ class CausalLMModule(L.LightningModule):
                 # forgetting: how far this domain moved since the last stage that trained on it
                 self.log(f"val/{source}/forgetting", loss - self._stage_end_val[source], sync_dist=False)
         self.log("val/loss", (total[0] / total[1]).item(), prog_bar=True, sync_dist=False)
+        self.last_val_step = self.global_step
         self._remember_stage_end(losses)
 
     def _remember_stage_end(self, losses: Mapping[str, float]) -> None:

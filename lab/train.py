@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -59,6 +59,22 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if not candidates:
         raise LabError(f"ckpt_path=last: no earlier checkpoint for run_name={cfg.run_name} under outputs/ or multirun/")
     return str(max(candidates, key=lambda p: p.stat().st_mtime))
+
+
+def fsdp_strategy(cfg: DictConfig) -> Any:
+    """FSDP with one unit per decoder block: the classes the model itself names in _no_split_modules."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lab.models import build_config, build_model
+
+    with torch.device("meta"):
+        model = build_model(build_config(cfg.arch, cfg.size))
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not blocks:
+        raise LabError(f"{type(model).__name__} names no _no_split_modules to shard by; use trainer=ddp")
+    return FSDPStrategy(auto_wrap_policy=blocks, activation_checkpointing_policy=blocks
+                        if cfg.train.activation_checkpointing else None, state_dict_type="full")
 
 
 def flops_and_peak(config: Any, seq_len: int, precision: str) -> tuple[float | None, float | None]:
@@ -121,8 +137,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                         save_on_train_epoch_end=True, every_n_epochs=1, save_top_k=-1),
         StepLog(run_dir / "steps.jsonl"),
     ]
-    if cfg.callbacks.lr_monitor:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if trainer_cfg.get("strategy") == "fsdp":
+        trainer_cfg["strategy"] = fsdp_strategy(cfg)
     trainer = instantiate(trainer_cfg, precision=precision, logger=logger, callbacks=callbacks,
                           max_epochs=len(datamodule.stages), reload_dataloaders_every_n_epochs=1,
                           num_sanity_val_steps=0, check_val_every_n_epoch=1, default_root_dir=str(run_dir),
@@ -173,6 +189,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise LabError(f"{module.stop_reason}. Checkpoint: {checkpoints / 'guard-stop.ckpt'}")
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if module.last_val_step != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the objective is always measured at the end
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     if trainer.is_global_zero:
         if cfg.train.export_hf:
             export_hf(module.model, run_dir / "hf", manifest.tokenizer_dir)
@@ -193,6 +212,9 @@ def _log_run_inputs(logger: MLFlowLogger, cfg: DictConfig, resolved: dict[str, A
                    "model/flops_per_token": str(flops_per_token), "model/class": type(module.model).__name__,
                    "train/total_steps": str(total_steps), "train/tokens_per_step": str(datamodule.tokens_per_step),
                    "train/total_tokens": str(total_steps * datamodule.tokens_per_step)})
+    # the effective model fields, after the size preset (arch.* holds the file's full-size values)
+    params.update({f"model.{k}": str(v) for k, v in module.config.to_diff_dict().items()
+                   if isinstance(v, (int, float, str, bool))})
     existing = client.get_run(run_id).data.params
     logger.log_hyperparams({k: v for k, v in params.items() if k not in existing})
     config_file = run_dir / "config.yaml"
@@ -216,6 +238,8 @@ def objective_value(result: dict[str, Any], name: str) -> float:
 @hydra.main(config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # validation sums are all-reduced in the module before logging; Lightning cannot see that
+    warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
     try:
         result = train(cfg)
     except LabError as err:

@@ -1,0 +1,242 @@
+"""The training loop end to end on the embedded sample, at tiny size."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from lab import PROJECT_ROOT, LabError
+from lab.datamodule import CurriculumDataModule, RankSampler
+from lab.module import param_groups
+from lab.train import train
+from tests.conftest import ARCHS, compose_config, tiny_train_overrides
+
+
+def run_train(prepared: Path, run_dir: Path, *overrides: str) -> dict:
+    cfg = compose_config("train", tiny_train_overrides(prepared, *overrides), run_dir=run_dir)
+    return train(cfg)
+
+
+def datamodule(prepared: Path, batch_size: int = 4, **kwargs) -> CurriculumDataModule:
+    cfg = compose_config("train", tiny_train_overrides(prepared))
+    return CurriculumDataModule(prepared, cfg.data.stages, 64, batch_size, shuffle_seed=kwargs.pop("seed", 1),
+                                **kwargs)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_training_step_per_arch(prepared_sample, tmp_path, arch):
+    result = run_train(prepared_sample, tmp_path, f"arch={arch}", "trainer.max_steps=2", "train.export_hf=false",
+                       "train.val_max_blocks=2")
+    module = result["module"]
+    assert module.global_step == 2
+    assert torch.isfinite(torch.tensor(result["metrics"]["train/loss"]))
+    assert torch.isfinite(torch.tensor(result["metrics"]["val/loss"]))
+
+
+def test_labels_are_shifted_exactly_once(prepared_sample, tmp_path):
+    module = run_train(prepared_sample, tmp_path, "trainer.max_steps=1", "train.export_hf=false")["module"]
+    batch = torch.randint(0, 2000, (2, 64))
+    with torch.no_grad():
+        logits = module.model(input_ids=batch).logits  # [2, 64, vocab]
+        manual = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                   batch[:, 1:].reshape(-1))
+        assert module.loss(batch).item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_weight_decay_spares_norms_biases_and_embeddings():
+    from lab.models import build_config, build_model
+
+    cfg = compose_config("train", ["arch=falcon_mqa", "size=tiny", "tokenizer=bpe2k", "data.seq_len=64"])
+    model = build_model(build_config(cfg.arch, cfg.size))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim == 2 and "embed" not in names[id(p)] for p in decay["params"])
+    assert any("ln" in names[id(p)] or "norm" in names[id(p)] for p in no_decay["params"])
+    assert any("word_embeddings" in names[id(p)] for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_run_is_recorded_in_mlflow(prepared_sample, tmp_path):
+    result = run_train(prepared_sample, tmp_path, "arch=mistral_swa", "+tags.purpose=test")
+    run = MlflowClient().get_run(result["run_id"])
+    metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
+    for name in ["train/loss", "val/loss", "val/web/loss", "val/books/loss", "val/web/bpb", "val/books/bpb",
+                 "lr", "tokens_seen", "throughput/tokens_per_s", "train/grad_norm"]:
+        assert name in metrics, name
+    assert tags["arch"] == "mistral_swa" and tags["purpose"] == "test"
+    assert len(tags["git_sha"]) == 40 and tags["data_sha256"] and tags["tokenizer_sha256"]
+    assert params["optim.lr"] == "0.0003" and params["model.sliding_window"] == "16"
+    assert int(params["model/params_total"]) > 0
+    artifacts = {a.path for a in MlflowClient().list_artifacts(result["run_id"])}
+    assert {"config.yaml", "data", "tokenizer", "model_config.json", "hf"} <= artifacts
+    assert (tmp_path / "config.yaml").read_text().count("mistral_swa") >= 1
+
+
+def test_hf_export_loads_and_generates_with_plain_transformers(prepared_sample, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = run_train(prepared_sample, tmp_path, "arch=mamba2", "trainer.max_steps=3")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tokenizer("Era odată un morar", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = result["module"].model.eval()(ids).logits
+        theirs = model(ids).logits
+    torch.testing.assert_close(ours, theirs)
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 5
+
+
+def test_curriculum_orders_stages_and_is_seeded(prepared_sample):
+    dm = datamodule(prepared_sample, seed=7)
+    steps = dm.stage_steps()
+    assert dm.stage_boundaries() == [0, steps[0], steps[0] + steps[1]]
+    web_blocks = len(dm.manifest.blocks("web", "train"))
+    books_blocks = len(dm.manifest.blocks("books", "train"))
+    web = dm.stage_order(0)
+    books = dm.stage_order(1)
+    assert web.num_samples == (web_blocks // 4) * 4  # one epoch, whole steps
+    assert books.num_samples == (2 * books_blocks // 4) * 4  # the books stage runs 2 epochs
+    web_order = [web.index(i) for i in range(web.num_samples)]
+    assert len(set(web_order)) == len(web_order)  # an epoch is a permutation: no block twice
+    books_order = [books.index(i) for i in range(books.num_samples)]
+    first, second = books_order[:books_blocks], books_order[books_blocks:]
+    assert sorted(first) == list(range(books_blocks)) and first != second  # each pass reshuffled
+    same = datamodule(prepared_sample, seed=7).stage_order(0)
+    other = datamodule(prepared_sample, seed=8).stage_order(0)
+    assert [same.index(i) for i in range(50)] == web_order[:50]
+    assert [other.index(i) for i in range(50)] != web_order[:50]
+
+
+def test_ranks_read_disjoint_blocks_covering_the_stage(prepared_sample):
+    dm = datamodule(prepared_sample, batch_size=3)
+    dm.set_world(2, 0)
+    order = dm.stage_order(0)
+    shards = [list(RankSampler(order, rank, 2)) for rank in range(2)]
+    assert len(shards[0]) == len(shards[1]) == order.num_samples // 2
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == sorted(order.index(i) for i in range(order.num_samples))
+    # resuming after k optimizer steps continues each rank where it stopped
+    resumed = list(RankSampler(order, 1, 2, start=2 * dm.samples_per_step))
+    assert resumed == shards[1][dm.samples_per_step:]
+
+
+def test_stage_budget_in_tokens(prepared_sample):
+    cfg = compose_config("train", tiny_train_overrides(prepared_sample))
+    stages = [{"name": "web", "sources": ["web"], "tokens": 64 * 40}, {"name": "books", "sources": ["books"],
+                                                                       "epochs": 1}]
+    dm = CurriculumDataModule(prepared_sample, stages, 64, 4, shuffle_seed=cfg.seed)
+    assert dm.stage_steps()[0] == 10
+
+
+def read_steps(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows}
+
+
+def test_kill_and_resume_gives_the_same_losses(prepared_sample, tmp_path):
+    """A run killed with SIGKILL mid-stage and resumed reproduces the uninterrupted loss sequence bit for bit."""
+    common = [*tiny_train_overrides(prepared_sample), "trainer.max_steps=-1", "train.export_hf=false",
+              "callbacks.checkpoint.every_n_steps=3", "train.eval_every_steps=4", "train.val_max_blocks=2",
+              "data.stages=[{name:web,sources:[web],tokens:3072},{name:books,sources:[books],tokens:2048}]"]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+
+    def launch(run_dir: Path, *extra: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
+        run_env = {**env, **({"LAB_FAULT_KILL_AT_STEP": str(kill_at)} if kill_at else {})}
+        return subprocess.run([sys.executable, "-m", "lab.train", *common, f"hydra.run.dir={run_dir}", *extra],
+                              env=run_env, capture_output=True, text=True, timeout=300)
+
+    straight = launch(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = launch(tmp_path / "killed", kill_at=7)  # web stage has 12 steps: killed mid-stage after step 7
+    assert killed.returncode == -9
+    assert (tmp_path / "killed" / "checkpoints" / "last.ckpt").is_file()
+    resumed = launch(tmp_path / "resumed", f"ckpt_path={tmp_path / 'killed' / 'checkpoints' / 'last.ckpt'}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    expected = read_steps(tmp_path / "straight")
+    assert len(expected) == 20  # 12 web + 8 books steps
+    before_kill, after_resume = read_steps(tmp_path / "killed"), read_steps(tmp_path / "resumed")
+    assert min(after_resume) == 7  # last.ckpt was written at step 6
+    combined = {**{s: v for s, v in before_kill.items() if s < 7}, **after_resume}
+    assert combined == expected  # exact float equality, step by step
+    # the resumed run continues the same MLflow run
+    assert (tmp_path / "resumed" / "mlflow_run_id").read_text() == (tmp_path / "killed" / "mlflow_run_id").read_text()
+
+
+def test_resume_refuses_other_data(prepared_sample, tmp_path):
+    run_train(prepared_sample, tmp_path / "first", "trainer.max_steps=3", "train.export_hf=false",
+              "callbacks.checkpoint.every_n_steps=1")
+    saved = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", weights_only=True)  # no pickled code
+    assert saved["lab"]["data_sha256"] and saved["hyper_parameters"]["arch"]["_target_"].startswith("transformers.")
+    assert (tmp_path / "first" / "hf_stages").exists() is False  # the web stage did not complete in 3 steps
+    altered = tmp_path / "altered"
+    shutil.copytree(prepared_sample, altered)
+    manifest = json.loads((altered / "manifest.json").read_text())
+    manifest["data_sha256"] = "0" * 64
+    (altered / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LabError, match="data_sha256"):
+        run_train(altered, tmp_path / "second", "trainer.max_steps=5",
+                  f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
+
+
+def test_loss_guard_skips_then_stops(prepared_sample, tmp_path):
+    # spike_factor < 1 turns every step after the guard's warmup into a "spike"
+    skip = run_train(prepared_sample, tmp_path / "skip", "trainer.max_steps=6", "train.export_hf=false",
+                     "train.guard.spike_factor=0.5", "train.guard.warmup_steps=2", "train.guard.max_skips=100")
+    assert skip["module"].skipped_steps > 0
+    assert skip["module"].global_step < 6 + skip["module"].skipped_steps
+    with pytest.raises(LabError, match="loss guard stopped the run"):
+        run_train(prepared_sample, tmp_path / "stop", "trainer.max_steps=6", "train.export_hf=false",
+                  "train.guard.spike_factor=0.5", "train.guard.warmup_steps=2", "train.guard.action=stop")
+    assert (tmp_path / "stop" / "checkpoints" / "guard-stop.ckpt").is_file()
+
+
+def test_missing_prepared_data_is_a_clear_error(tmp_path):
+    with pytest.raises(LabError, match="lab.prepare"):
+        run_train(tmp_path / "nowhere", tmp_path / "run")
+
+
+def test_multirun_trains_two_archs(prepared_sample, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    cmd = [sys.executable, "-m", "lab.train", "-m", "arch=llama_gqa,mamba2",
+           *tiny_train_overrides(prepared_sample), "trainer.max_steps=2", "train.export_hf=false",
+           "train.val_max_blocks=2", "experiment_name=multirun-smoke", f"hydra.sweep.dir={tmp_path}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["multirun-smoke"], output_format="list")
+    assert sorted(r.data.tags["arch"] for r in runs) == ["llama_gqa", "mamba2"]
+    assert all(r.info.status == "FINISHED" and "val/loss" in r.data.metrics for r in runs)
+
+
+def test_two_process_ddp_ranks_read_disjoint_blocks(prepared_sample, tmp_path):
+    """A real 2-process DDP run (gloo, CPU): each rank reads its own blocks; together they cover the stage."""
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "LAB_TRACE_BLOCKS_DIR": str(trace)}
+    stages = "data.stages=[{name:web,sources:[web],tokens:6144}]"  # 96 blocks = 12 steps of 2 ranks x 4
+    cmd = [sys.executable, "-m", "lab.train", *tiny_train_overrides(prepared_sample), "trainer=ddp",
+           "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=-1",
+           "train.export_hf=false", "train.val_max_blocks=4", stages, f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [[int(x) for x in (trace / f"rank{r}.txt").read_text().split()] for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 48
+    assert not set(ranks[0]) & set(ranks[1])
+    stage = CurriculumDataModule(prepared_sample, [{"name": "web", "sources": ["web"], "tokens": 6144}], 64, 4,
+                                 shuffle_seed=compose_config("train", ["debug=fast"]).seed)
+    stage.set_world(2, 0)
+    order = stage.stage_order(0)
+    assert sorted(ranks[0] + ranks[1]) == sorted(order.index(i) for i in range(order.num_samples))
+    assert len(read_steps(tmp_path / "run")) == 12
