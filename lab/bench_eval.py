@@ -1,0 +1,166 @@
+"""Quantized-vs-float benchmark: `python -m lab.bench_eval model_path=<run>/hf` (config: conf/evaluate.yaml).
+
+Quantizes the model with `bench.variant` (int8 weight-only by default) when lab.quantize has not
+already, evaluates it beside the float reference, and checks:
+
+1. perplexity: the variant's perplexity on every held-out source (and text) is at most
+   `bench.max_ppl_increase` (1%) above the reference's;                           measured anywhere
+2. weight memory: the variant's weight bytes (int8 + scales + the float parts) at most
+   `bench.max_weight_memory_ratio` (0.55) of the bf16 model's. Bytes do not depend on the device, so
+   this is computed on a bf16 copy quantized in memory, on any machine;           measured anywhere
+3. decode speed: tokens/s at batch 1 with static cache + torch.compile at least
+   `bench.min_decode_speedup` (1.3x) the bf16 reference's;                        CUDA only (on CPU the
+   ratio is printed for information, but the criterion is "not measured").
+
+Prints a table, writes bench.json to the run folder, adds the figures to the variant's MLflow eval
+run (`quant/<variant>/bench/...`) and exits non-zero when a measured criterion fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lab import LabError
+from lab.evaluate import Report, _output_dir, evaluate
+from lab.quantize import (VARIANTS, default_output_dir, dtype_name, layers_to_keep_float, load_model, quantize,
+                          read_index, resolve_device, resolve_dtype, resolve_source, weight_bytes)
+
+log = logging.getLogger("lab.bench_eval")
+
+
+@dataclass
+class Criterion:
+    name: str
+    value: float | None
+    threshold: float
+    passed: bool | None          # None: not measured on this device
+    note: str = ""
+
+
+def weight_memory_ratio(model_path: Path, variant_name: str, options: Mapping[str, Any]) -> tuple[float, int, int]:
+    """(variant bytes / bf16 bytes, bf16 bytes, variant bytes) of the model's weights, quantized in memory on the CPU."""
+    from torchao.quantization import quantize_
+
+    variant = VARIANTS[variant_name]
+    model, _ = load_model(model_path, "cpu", torch.bfloat16)
+    reference = weight_bytes(model)
+    keep_float = layers_to_keep_float(model, options.get("group_size") if variant.group_size else None)
+    quantize_(model, variant.make_config({"group_size": variant.group_size, **options}, torch.device("cpu")),
+              filter_fn=lambda module, name: isinstance(module, nn.Linear) and name not in keep_float)
+    quantized = weight_bytes(model)
+    return quantized / reference, reference, quantized
+
+
+def ensure_variant(cfg: DictConfig, variant: str) -> Path:
+    """The quantize output root holding `variant` (quantized now if it is missing)."""
+    source = resolve_source(cfg.model_path)
+    device = resolve_device(cfg.get("device"))
+    reference = dtype_name(resolve_dtype(cfg.get("dtype"), device))
+    root = Path(cfg.quantized_dir) if cfg.get("quantized_dir") else default_output_dir(source)
+    index = read_index(root)
+    if index is None or index["reference"] != reference or variant not in index["variants"]:
+        log.info("quantizing %s to %s first", source.path, variant)
+        quantize({"model_path": cfg.model_path, "variants": [variant], "device": cfg.get("device"),
+                  "dtype": cfg.get("dtype"), "output_dir": str(root), "tokenizer_path": cfg.get("tokenizer_path"),
+                  "variant_options": cfg.get("variant_options")})
+    return root
+
+
+def criteria(reference: Report, variant: Report, bench: Mapping[str, Any], device: torch.device,
+             memory_ratio: float) -> list[Criterion]:
+    ppl_keys = sorted(k for k in reference.metrics if k.endswith("/ppl") and not k.startswith("task/"))
+    if not ppl_keys:
+        raise LabError("the benchmark needs held-out perplexity: give prepared_dir=<folder> or texts=[file]")
+    increases = {k: variant.metrics[k] / reference.metrics[k] - 1 for k in ppl_keys}
+    worst = max(increases, key=increases.get)
+    limit = float(bench["max_ppl_increase"])
+    results = [Criterion("ppl_increase", increases[worst], limit, increases[worst] <= limit,
+                         f"worst of {', '.join(f'{k} {v:+.3%}' for k, v in increases.items())}")]
+    mem_limit = float(bench["max_weight_memory_ratio"])
+    results.append(Criterion("weight_memory_ratio_bf16", memory_ratio, mem_limit, memory_ratio <= mem_limit,
+                             "variant weight bytes / bf16 weight bytes (device-independent)"))
+    speed_ref, speed_var = reference.metrics.get("decode_tok_s_bs1"), variant.metrics.get("decode_tok_s_bs1")
+    speedup = speed_var / speed_ref if speed_ref and speed_var else None
+    speed_limit = float(bench["min_decode_speedup"])
+    if device.type == "cuda" and speedup is not None:
+        compiled = variant.params.get("compile") == "True"
+        results.append(Criterion("decode_speedup_bs1", speedup, speed_limit, speedup >= speed_limit,
+                                 f"{speed_var:.1f} vs {speed_ref:.1f} tokens/s, compile={compiled}"))
+    else:
+        results.append(Criterion("decode_speedup_bs1", speedup, speed_limit, None,
+                                 f"not measured: the criterion is for CUDA (here {device}: "
+                                 + (f"{speed_var:.1f} vs {speed_ref:.1f} tokens/s)" if speedup else "no timing)")))
+    return results
+
+
+def format_criteria(results: list[Criterion], variant: str, reference: str) -> str:
+    lines = [f"| {variant} vs {reference} | value | threshold | result | note |", "|---|---|---|---|---|"]
+    for c in results:
+        verdict = "not measured" if c.passed is None else ("PASS" if c.passed else "FAIL")
+        value = "" if c.value is None else (f"{c.value:+.3%}" if c.name == "ppl_increase" else f"{c.value:.3f}")
+        sign = "<=" if c.name != "decode_speedup_bs1" else ">="
+        threshold = f"{sign} {c.threshold:.2%}" if c.name == "ppl_increase" else f"{sign} {c.threshold}"
+        lines.append(f"| {c.name} | {value} | {threshold} | {verdict} | {c.note} |")
+    return "\n".join(lines)
+
+
+def bench(cfg: DictConfig) -> dict[str, Any]:
+    settings = cfg.bench
+    variant = str(settings.variant)
+    if variant not in VARIANTS:
+        raise LabError(f"bench.variant={variant!r} is not a variant; known: {', '.join(VARIANTS)}")
+    device = resolve_device(cfg.get("device"))
+    reference = dtype_name(resolve_dtype(cfg.get("dtype"), device))
+    root = ensure_variant(cfg, variant)
+    eval_cfg = OmegaConf.merge(cfg, {"variants": [reference, variant], "quantized_dir": str(root), "tasks": []})
+    reports = {r.name: r for r in evaluate(eval_cfg)}
+    ratio, bf16_bytes, variant_bytes = weight_memory_ratio(Path(reports[reference].path), variant,
+                                                           dict((cfg.get("variant_options") or {}).get(variant) or {}))
+    results = criteria(reports[reference], reports[variant], settings, device, ratio)
+    print(format_criteria(results, variant, reference))
+    summary = {"model_path": str(cfg.model_path), "device": str(device), "reference": reference, "variant": variant,
+               "bf16_weight_bytes": bf16_bytes, "variant_weight_bytes_bf16": variant_bytes,
+               "criteria": [asdict(c) for c in results],
+               "metrics": {name: r.metrics for name, r in reports.items()}}
+    out_dir = _output_dir(cfg)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench.json").write_text(json.dumps(summary, indent=1))
+    run_id = reports[variant].run_id
+    if run_id:
+        from mlflow.tracking import MlflowClient
+
+        from lab.tracking import tracking_uri
+
+        client = MlflowClient(tracking_uri((cfg.get("mlflow") or {}).get("tracking_uri")))
+        for c in results:
+            if c.value is not None and math.isfinite(c.value):
+                client.log_metric(run_id, f"quant/{variant}/bench/{c.name}", float(c.value))
+    return summary
+
+
+@hydra.main(config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        summary = bench(cfg)
+    except LabError as err:
+        log.error("%s", err)
+        sys.exit(f"error: {err}")
+    failed = [c["name"] for c in summary["criteria"] if c["passed"] is False]
+    if failed:
+        sys.exit(f"benchmark failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()

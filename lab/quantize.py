@@ -1,0 +1,583 @@
+"""Quantize a trained model into small torchao variants: `python -m lab.quantize model_path=<run>/hf`.
+
+    python -m lab.quantize model_path=outputs/<run>/<time>/hf [variants=[int8wo,intx4wo]] [device=cpu]
+    python -m lab.quantize model_path=outputs/<run>/<time>/checkpoints/last.ckpt
+
+`model_path` is an HF export (save_pretrained + tokenizer) or a lab.train Lightning checkpoint.
+Every variant is written as a self-contained HF folder (config.json with its `quantization_config`,
+safetensors holding torchao tensors, the tokenizer) that `AutoModelForCausalLM.from_pretrained`
+loads back; `load_model` here additionally handles checkpoints and the one fix-up quantized models
+need (below). The float reference is written beside them, so every variant is measured the same way.
+
+Variants (torchao 0.18 `quantize_` configs, applied while transformers loads the float reference):
+
+    name      torchao config                                              runs on
+    int8wo    Int8WeightOnlyConfig (per-channel)                          cpu, cuda
+    int8dq    Int8DynamicActivationInt8WeightConfig (per-token x per-ch.) cpu, cuda
+    intx4wo   IntxWeightOnlyConfig(int4, PerGroup(group_size))            cpu  (int4 values stored unpacked in int8)
+    int4wo    Int4WeightOnlyConfig(group_size, tile_packed_to_4d)         cuda (tinygemm kernel, bf16)
+    float8dq  Float8DynamicActivationFloat8WeightConfig(PerRow)           cuda, compute capability >= 8.9 (H100)
+
+What is quantized: the weight of every nn.Linear inside the blocks (attention q/k/v/o or the fused
+query_key_value, the MLP, Mamba2's in_proj/out_proj). What stays float: the input embedding and the
+LM head tied to it (quantizing the head would untie it and store a second copy), norms, biases,
+Mamba2's conv1d and SSM parameters (A_log, D, dt_bias). Per variant, a layer is also left float when
+its width does not divide into the variant's groups, or when its class overrides `forward` with
+something other than F.linear; quantize.json lists every such layer with the reason.
+
+Output: `<run_dir>/quantized/<model name>/` (`output_dir=` to change), one folder per variant plus
+quantize.json: per variant its path, bytes on disk, in-memory weight bytes, quantized/skipped layers,
+the torchao config and the reload check (logits of the saved folder vs the in-memory model).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import re
+import shutil
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lab import LabError
+
+log = logging.getLogger("lab.quantize")
+
+INDEX_FILE = "quantize.json"        # in the output root: every variant written there
+VARIANT_FILE = "lab_variant.json"   # in each variant folder: what it is and where it came from
+RUN_ID_FILE = "mlflow_run_id"       # written by lab.train into its run folder
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+# -- variants -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    make_config: Callable[[Mapping[str, Any], torch.device], Any]   # (options, device) -> torchao AOBaseConfig
+    devices: tuple[str, ...]                    # device types whose kernels it targets
+    min_capability: tuple[int, int] | None = None   # CUDA compute capability it needs
+    dtype: torch.dtype | None = None            # float dtype its kernels need (None: the reference dtype)
+    group_size: int | None = None               # default group size (per-group schemes)
+
+    def unsupported_reason(self, device: torch.device) -> str | None:
+        if device.type not in self.devices:
+            return f"runs on {' / '.join(self.devices)} only"
+        if self.min_capability and device.type == "cuda":
+            capability = torch.cuda.get_device_capability(device)
+            if capability < self.min_capability:
+                need = ".".join(map(str, self.min_capability))
+                return f"needs CUDA compute capability >= {need} (this GPU: {capability[0]}.{capability[1]})"
+        return None
+
+
+def _int8wo(options: Mapping[str, Any], device: torch.device) -> Any:
+    from torchao.quantization import Int8WeightOnlyConfig, PerRow
+
+    return Int8WeightOnlyConfig(granularity=PerRow())
+
+
+def _int8dq(options: Mapping[str, Any], device: torch.device) -> Any:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+    from torchao.utils import should_reduce_range
+
+    # CPUs without VNNI overflow int8 x int8 accumulation unless the range is reduced
+    return Int8DynamicActivationInt8WeightConfig(reduce_range=should_reduce_range(device))
+
+
+def _intx4wo(options: Mapping[str, Any], device: torch.device) -> Any:
+    from torchao.quantization import IntxWeightOnlyConfig, PerGroup
+
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(int(options["group_size"])))
+
+
+def _int4wo(options: Mapping[str, Any], device: torch.device) -> Any:
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    # tile_packed_to_4d is the tinygemm layout stock PyTorch CUDA builds ship a kernel for; the
+    # default "plain" layout needs the separate mslk package
+    return Int4WeightOnlyConfig(group_size=int(options["group_size"]), int4_packing_format="tile_packed_to_4d")
+
+
+def _float8dq(options: Mapping[str, Any], device: torch.device) -> Any:
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("int8wo", "int8 weights (per-channel scales), matmul in the float dtype", _int8wo, ("cpu", "cuda")),
+    Variant("int8dq", "int8 weights and dynamically quantized int8 activations", _int8dq, ("cpu", "cuda")),
+    Variant("intx4wo", "int4 weights in groups (stored unpacked, one int8 per value)", _intx4wo, ("cpu",),
+            group_size=32),
+    Variant("int4wo", "int4 weights in groups, packed for the tinygemm kernel", _int4wo, ("cuda",),
+            dtype=torch.bfloat16, group_size=128),
+    Variant("float8dq", "float8 e4m3 weights and activations (per-row scales)", _float8dq, ("cuda",),
+            min_capability=(8, 9), dtype=torch.bfloat16),
+)}
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if not name or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise LabError(f"device={name!r} is not a torch device (auto | cpu | cuda | cuda:N)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LabError(f"device={name} but CUDA is not available here; use device=cpu (or auto)")
+    return device
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """The float reference dtype: bf16 on CUDA, fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    if not name or name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise LabError(f"dtype={name!r} is not one of auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def supported_variants(device: torch.device) -> list[str]:
+    return [name for name, variant in VARIANTS.items() if variant.unsupported_reason(device) is None]
+
+
+def resolve_variants(requested: str | Sequence[str] | None, device: torch.device) -> list[Variant]:
+    """`auto` (or empty): every variant this device runs; a list: those, or a LabError naming what is supported."""
+    supported = supported_variants(device)
+    if requested in (None, "auto") or (not isinstance(requested, str) and not list(requested)):
+        return [VARIANTS[name] for name in supported]
+    names = [requested] if isinstance(requested, str) else [str(name) for name in requested]
+    variants = []
+    for name in names:
+        if name not in VARIANTS:
+            raise LabError(f"unknown variant {name!r}; known variants: {', '.join(VARIANTS)}")
+        reason = VARIANTS[name].unsupported_reason(device)
+        if reason:
+            raise LabError(f"variant {name} ({VARIANTS[name].description}) {reason}; this device is {device}. "
+                           f"Supported here: {', '.join(supported) or '(none)'}")
+        variants.append(VARIANTS[name])
+    return variants
+
+
+# -- finding and loading models -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: an HF folder (plain or quantized variant) or a lab.train checkpoint."""
+
+    path: Path
+    kind: str                    # "hf" | "ckpt"
+    run_dir: Path | None         # the lab.train run folder it belongs to, when there is one
+    variant: str | None = None   # set for folders lab.quantize wrote
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.kind == "ckpt" else self.path.name
+
+    @property
+    def train_run_id(self) -> str | None:
+        if self.run_dir is not None and (self.run_dir / RUN_ID_FILE).is_file():
+            return (self.run_dir / RUN_ID_FILE).read_text().strip() or None
+        return None
+
+    def run_config(self) -> dict[str, Any] | None:
+        """The training run's resolved config (config.yaml, written by lab.train), if there is one."""
+        if self.run_dir is None or not (self.run_dir / "config.yaml").is_file():
+            return None
+        return OmegaConf.to_container(OmegaConf.load(self.run_dir / "config.yaml"), resolve=False)
+
+
+def find_run_dir(path: Path, levels: int = 5) -> Path | None:
+    """The nearest ancestor holding lab.train's mlflow_run_id (hf/, hf_stages/x/, checkpoints/x.ckpt, quantized/...)."""
+    for folder in [path if path.is_dir() else path.parent, *path.parents][: levels + 1]:
+        if (folder / RUN_ID_FILE).is_file():
+            return folder
+    return None
+
+
+def resolve_source(model_path: str | Path | None) -> ModelSource:
+    if not model_path or str(model_path) == "???":
+        raise LabError("model_path is required: an HF export folder (e.g. outputs/<run>/<time>/hf) "
+                       "or a lab.train checkpoint (.../checkpoints/last.ckpt)")
+    path = Path(model_path).expanduser().resolve()
+    if path.is_file():
+        if path.suffix != ".ckpt":
+            raise LabError(f"model_path={path} is a file but not a .ckpt; give an HF folder or a Lightning checkpoint")
+        return ModelSource(path, "ckpt", find_run_dir(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            hint = ""
+            if (path / "hf").is_dir():
+                hint = f" (did you mean {path / 'hf'}?)"
+            raise LabError(f"model_path={path} has no config.json: not an HF save_pretrained folder{hint}")
+        if (path / VARIANT_FILE).is_file():
+            meta = json.loads((path / VARIANT_FILE).read_text())
+            variant = meta.get("variant")
+            run_dir = Path(meta["run_dir"]) if meta.get("run_dir") else None
+            return ModelSource(path, "hf", run_dir if run_dir and run_dir.is_dir() else find_run_dir(path), variant)
+        return ModelSource(path, "hf", find_run_dir(path))
+    raise LabError(f"model_path={path} does not exist (expected an HF folder or a .ckpt file)")
+
+
+@functools.lru_cache(maxsize=None)
+def _computes_linear(cls: type[nn.Linear]) -> bool:
+    """Does this nn.Linear subclass's forward compute F.linear(x, weight, bias)? Checked on a small probe."""
+    with torch.random.fork_rng(devices=[]):  # the probe's random init must not move the caller's RNG
+        torch.manual_seed(0)
+        x = torch.randn(3, 8)
+        for bias in (True, False):
+            probe = cls.__new__(cls)
+            nn.Linear.__init__(probe, 8, 4, bias=bias)  # only weight/bias: the subclass's own state is not there
+            try:
+                with torch.no_grad():
+                    out = probe(x)
+            except Exception:  # noqa: BLE001 - any failure means: not a plain linear
+                return False
+            if not torch.allclose(out, F.linear(x, probe.weight, probe.bias), atol=1e-5):
+                return False
+    return True
+
+
+def use_linear_forward(model: nn.Module) -> dict[str, str]:
+    """Route nn.Linear subclasses that compute F.linear in their own way (e.g. `x @ W.T`) through
+    nn.Linear.forward: torchao's weight tensors implement F.linear, not arbitrary transposes.
+
+    Returns {module name: reason} for Linear modules that must stay float (their forward is not F.linear).
+    """
+    keep_float = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or type(module).forward is nn.Linear.forward:
+            continue
+        if _computes_linear(type(module)):
+            module.forward = types.MethodType(nn.Linear.forward, module)
+        else:
+            keep_float[name] = f"{type(module).__name__}.forward is not F.linear"
+    return keep_float
+
+
+def _load_checkpoint(path: Path) -> nn.Module:
+    """The HF model inside a lab.train checkpoint: rebuilt from its hyper-parameters, weights from `model.*`."""
+    from lab.models import build_config, build_model
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - corrupt file, wrong format, pickled objects
+        raise LabError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not hparams or "arch" not in hparams or "state_dict" not in checkpoint:
+        raise LabError(f"{path} is not a lab.train checkpoint (no hyper_parameters.arch / state_dict)")
+    config = build_config(hparams["arch"], hparams.get("size"), **(hparams.get("config_overrides") or {}))
+    model = build_model(config)
+    state = {key.removeprefix("model."): value for key, value in checkpoint["state_dict"].items()
+             if key.startswith("model.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(dict(model.named_parameters()))
+    missing = [key for key in missing if key not in tied]
+    if missing or unexpected:
+        raise LabError(f"checkpoint {path} does not fit the model its hyper-parameters describe: "
+                       f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model
+
+
+def load_model(source: ModelSource | str | Path, device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = None) -> tuple[nn.Module, ModelSource]:
+    """Any model lab can evaluate, in eval mode on `device`: HF folder, quantized variant, or checkpoint.
+
+    `dtype` casts a float model; None keeps the dtype it was saved in (quantized variants always do).
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = source if isinstance(source, ModelSource) else resolve_source(source)
+    device = torch.device(device)
+    if source.kind == "ckpt":
+        model = _load_checkpoint(source.path)
+        model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    else:
+        quantized = "quantization_config" in json.loads((source.path / "config.json").read_text())
+        # "auto": the dtype the folder was saved in (transformers' own default would be float32)
+        load_dtype = "auto" if quantized or dtype is None else dtype
+        try:
+            # loaded on the CPU, then moved: a device_map would need accelerate
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=load_dtype).to(device)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise LabError(f"cannot load {source.path} as a causal LM: {err}") from err
+    use_linear_forward(model)
+    return model.eval(), source
+
+
+def load_tokenizer(source: ModelSource, tokenizer_path: str | Path | None = None) -> Any:
+    """The tokenizer: tokenizer_path, else the model folder's, else the run's HF export or prepared data."""
+    from transformers import AutoTokenizer
+
+    candidates: list[Path] = []
+    if tokenizer_path:
+        candidates.append(Path(tokenizer_path))
+    else:
+        if source.kind == "hf":
+            candidates.append(source.path)
+        if source.run_dir is not None:
+            candidates.append(source.run_dir / "hf")
+            prepared = (source.run_config() or {}).get("data", {}).get("prepared_dir")
+            if prepared:
+                candidates.append(Path(prepared) / "tokenizer")
+    for folder in candidates:
+        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(folder)
+    tried = ", ".join(str(c) for c in candidates) or "(nothing to try)"
+    raise LabError(f"no tokenizer found for {source.path}; tried {tried}. Pass tokenizer_path=<folder>")
+
+
+# -- sizes ----------------------------------------------------------------------------------------------------------
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor really holds; torchao subclasses are summed over their inner tensors (qdata, scales...)."""
+    if hasattr(tensor, "__tensor_flatten__") and type(tensor) not in (torch.Tensor, nn.Parameter):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names if getattr(tensor, name) is not None)
+    return tensor.numel() * tensor.element_size()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """In-memory bytes of all parameters and buffers (tied weights counted once)."""
+    seen: dict[int, int] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        seen.setdefault(id(tensor), tensor_bytes(tensor))
+    return sum(seen.values())
+
+
+def disk_bytes(folder: Path) -> int:
+    """Bytes of the weight files in an HF folder (tokenizer and config files excluded)."""
+    path = Path(folder)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES))
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Names of modules whose weight is a torchao tensor subclass."""
+    return [name for name, module in model.named_modules()
+            if isinstance(getattr(module, "weight", None), torch.Tensor)
+            and hasattr(module.weight, "__tensor_flatten__")]
+
+
+# -- quantizing -----------------------------------------------------------------------------------------------------
+
+
+def layers_to_keep_float(model: nn.Module, group_size: int | None) -> dict[str, str]:
+    """{module name: reason} of the Linear layers a variant leaves float (see the module docstring)."""
+    keep = use_linear_forward(model)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or name in keep:
+            continue
+        if module is head:
+            keep[name] = "LM head (tied to the input embedding)" if tied else "LM head (output layer, kept float)"
+        elif group_size and module.in_features % group_size:
+            keep[name] = f"in_features={module.in_features} is not a multiple of group_size={group_size}"
+    return keep
+
+
+def default_output_dir(source: ModelSource) -> Path:
+    if source.run_dir is not None:
+        return source.run_dir / "quantized" / source.name
+    return source.path.parent / f"{source.name}-quantized"
+
+
+@dataclass
+class VariantResult:
+    name: str
+    path: Path
+    description: str
+    disk_bytes: int
+    weight_bytes: int
+    quantized_layers: int
+    kept_float: dict[str, str] = field(default_factory=dict)
+    torchao_config: str = ""
+    reload_max_abs_diff: float = 0.0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "description": self.description, "disk_bytes": self.disk_bytes,
+                "weight_bytes": self.weight_bytes, "quantized_layers": self.quantized_layers,
+                "kept_float": self.kept_float, "torchao_config": self.torchao_config,
+                "reload_max_abs_diff": self.reload_max_abs_diff, "seconds": round(self.seconds, 3)}
+
+
+def _probe_ids(model: nn.Module, length: int = 16) -> torch.Tensor:
+    vocab = int(model.config.vocab_size)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(min(2, vocab - 1), vocab, (1, length), generator=generator)   # [1, length]
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids.to(model.device), use_cache=False).logits.float().cpu()   # [1, length, vocab]
+
+
+def _write_variant_meta(folder: Path, variant: str, source: ModelSource, **extra: Any) -> None:
+    meta = {"variant": variant, "source": str(source.path), "source_kind": source.kind,
+            "run_dir": str(source.run_dir) if source.run_dir else None, "train_run_id": source.train_run_id, **extra}
+    (folder / VARIANT_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def save_reference(model: nn.Module, tokenizer: Any, folder: Path, source: ModelSource, dtype: torch.dtype) -> None:
+    """The float model as an HF folder (the baseline every variant is compared with)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _write_variant_meta(folder, dtype_name(dtype), source, quantized=False)
+
+
+def attach_hf_quantizer(model: nn.Module, config: Any, keep_float: Mapping[str, str]) -> None:
+    """Make a model quantized in place by `quantize_` saveable by save_pretrained, as from_pretrained
+    would have left it: a torchao HF quantizer (safetensors of flattened torchao tensors + metadata) and
+    `quantization_config` in config.json, naming the layers left float."""
+    from transformers import TorchAoConfig
+    from transformers.quantizers import AutoHfQuantizer
+
+    # exact module names: transformers matches these as regexes up to a module boundary
+    quant_config = TorchAoConfig(config, modules_to_not_convert=[re.escape(name) for name in keep_float])
+    quantizer = AutoHfQuantizer.from_config(quant_config, pre_quantized=False)
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+
+
+def quantize_variant(variant: Variant, reference_dir: Path, out_dir: Path, source: ModelSource, tokenizer: Any,
+                     device: torch.device, options: Mapping[str, Any], reference_dtype: torch.dtype) -> VariantResult:
+    """Quantize the float reference with `variant`'s torchao config, save it, and check it loads back."""
+    from torchao.quantization import quantize_
+
+    start = time.perf_counter()
+    config = variant.make_config(options, device)
+    model, _ = load_model(reference_dir, device, variant.dtype or reference_dtype)
+    keep_float = layers_to_keep_float(model, options.get("group_size") if variant.group_size else None)
+    quantize_(model, config, filter_fn=lambda module, name: isinstance(module, nn.Linear) and name not in keep_float)
+    layers = quantized_layers(model)
+    if not layers:
+        raise LabError(f"variant {variant.name}: no layer could be quantized ({len(keep_float)} kept float: "
+                       f"{dict(list(keep_float.items())[:3])})")
+    attach_hf_quantizer(model, config, keep_float)
+    probe = _probe_ids(model)
+    expected = _logits(model, probe)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    _write_variant_meta(out_dir, variant.name, source, quantized=True, kept_float=dict(keep_float))
+    weights = weight_bytes(model)
+    del model
+    reloaded, _ = load_model(out_dir, device)
+    diff = (_logits(reloaded, probe) - expected).abs().max().item()
+    if not math.isfinite(diff) or diff > 1e-3 * max(1.0, expected.abs().max().item()):
+        raise LabError(f"variant {variant.name}: the saved folder {out_dir} does not reproduce the quantized model "
+                       f"(max |logit diff| {diff:.3g} after reload)")
+    return VariantResult(variant.name, out_dir, variant.description, disk_bytes(out_dir), weights, len(layers),
+                         dict(keep_float), repr(config), diff, time.perf_counter() - start)
+
+
+def quantize(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Write the float reference and each variant; returns (and writes) the quantize.json index."""
+    quiet_transformers()
+    source = resolve_source(cfg.get("model_path"))
+    device = resolve_device(cfg.get("device"))
+    reference_dtype = resolve_dtype(cfg.get("dtype"), device)
+    variants = resolve_variants(cfg.get("variants"), device)
+    out_root = Path(cfg["output_dir"]).resolve() if cfg.get("output_dir") else default_output_dir(source)
+    out_root.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(source, cfg.get("tokenizer_path"))
+
+    model, _ = load_model(source, "cpu", reference_dtype)
+    reference_name = dtype_name(reference_dtype)
+    reference_dir = out_root / reference_name
+    save_reference(model, tokenizer, reference_dir, source, reference_dtype)
+    index: dict[str, Any] = {
+        "source": str(source.path), "source_kind": source.kind,
+        "run_dir": str(source.run_dir) if source.run_dir else None, "train_run_id": source.train_run_id,
+        "device": str(device), "reference": reference_name,
+        "variants": {reference_name: {"path": str(reference_dir), "description": f"unquantized ({reference_name})",
+                                      "disk_bytes": disk_bytes(reference_dir), "weight_bytes": weight_bytes(model),
+                                      "quantized_layers": 0}},
+    }
+    previous = read_index(out_root)
+    if previous and previous.get("reference") == reference_name and previous.get("source") == str(source.path):
+        # variants quantized earlier from the same reference stay listed (unless redone now)
+        for name, item in previous["variants"].items():
+            if name not in index["variants"] and Path(item["path"]).is_dir():
+                index["variants"][name] = item
+    log.info("quantizing %s (%s) on %s into %s: %s", source.path, source.kind, device, out_root,
+             ", ".join(v.name for v in variants))
+    options_cfg = cfg.get("variant_options") or {}
+    for variant in variants:
+        options = {"group_size": variant.group_size, **dict(options_cfg.get(variant.name) or {})}
+        result = quantize_variant(variant, reference_dir, out_root / variant.name, source, tokenizer, device,
+                                  options, reference_dtype)
+        index["variants"][variant.name] = result.to_json()
+    del model
+    (out_root / INDEX_FILE).write_text(json.dumps(index, indent=1))
+    print(format_index(index))
+    log.info("wrote %s", out_root / INDEX_FILE)
+    return index
+
+
+def read_index(out_root: Path) -> dict[str, Any] | None:
+    path = Path(out_root) / INDEX_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def format_index(index: Mapping[str, Any]) -> str:
+    reference = index["variants"][index["reference"]]
+    lines = [f"{'variant':<10} {'disk MB':>9} {'x ref':>6} {'weights MB':>10} {'quantized':>9} {'kept float':>10}  "
+             "description"]
+    for name, item in index["variants"].items():
+        lines.append(f"{name:<10} {item['disk_bytes'] / 1e6:>9.3f} {item['disk_bytes'] / reference['disk_bytes']:>6.3f} "
+                     f"{item['weight_bytes'] / 1e6:>10.3f} {item['quantized_layers']:>9} "
+                     f"{len(item.get('kept_float', {})):>10}  {item['description']}")
+    return "\n".join(lines)
+
+
+def quiet_transformers() -> None:
+    """Progress bars and fallback-kernel notices are noise in a tool's output."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+@hydra.main(config_path="../conf", config_name="quantize")
+def main(cfg: DictConfig) -> None:
+    try:
+        quantize(cfg)
+    except LabError as err:
+        log.error("%s", err)
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
