@@ -23,7 +23,9 @@ from lab import TRUSTED_TARGETS, LabError
 # Hydra's own keys in an arch node; everything else must be a field of the config class.
 _HYDRA_KEYS = {"_target_", "_convert_", "_recursive_", "_partial_", "_args_"}
 # Knobs of conf/size/*.yaml that are not config fields.
-_SIZE_KNOBS = {"name", "depth_divisor", "min_layers"}
+_SIZE_KNOBS = {"name", "depth_divisor", "min_layers", "target_params", "target_basis"}
+# Knobs that ask lab.sizing for a matched shape after the preset (e.g. size.target_params=50e6).
+_TARGET_KNOBS = {"target_params", "target_basis"}
 # Fields that scale with the model width, keyed by the role they play; a config has some of them.
 _FFN_FIELDS = ("intermediate_size", "ffn_hidden_size")
 _QUERY_HEAD_FIELDS = ("num_attention_heads",)
@@ -71,7 +73,7 @@ def apply_size(arch: Mapping[str, Any], size: Mapping[str, Any] | None) -> dict[
     preset serve every family.
     """
     out = dict(arch)
-    size = {k: v for k, v in dict(size or {}).items() if v is not None}
+    size = {k: v for k, v in dict(size or {}).items() if v is not None and k not in _TARGET_KNOBS}
     if set(size) <= {"name"}:
         return out
     fields = config_fields(config_class(arch))
@@ -119,6 +121,11 @@ def build_config(arch: Mapping[str, Any] | DictConfig, size: Mapping[str, Any] |
         size = OmegaConf.to_container(size, resolve=True)
     check_arch_keys(arch)
     node = apply_size(arch, size)
+    if size and size.get("target_params") is not None:
+        from lab.sizing import match_size  # lab.sizing builds on this module
+
+        # depth/width (or state/expand) moved to land within ±1% of the target, the preset's shape kept
+        node = match_size(node, float(size["target_params"]), basis=size.get("target_basis") or "total").node
     node.update(overrides)
     node.setdefault("_convert_", "all")
     return instantiate(node, _execution_whitelist_=TRUSTED_TARGETS)

@@ -6,6 +6,7 @@ position happens exactly once, inside the model's loss (transformers' ForCausalL
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from pathlib import Path
@@ -17,10 +18,12 @@ import torch
 from torch import nn
 
 from lab import LabError
+from lab.kernels import FastPaths, apply_fast_paths, causal_lm_loss, compile_model
 from lab.models import build_config, build_model, count_params
 from lab.schedules import lr_multiplier
 
 LN2 = math.log(2.0)
+log = logging.getLogger("lab.module")
 
 
 class CausalLMModule(L.LightningModule):
@@ -41,8 +44,7 @@ class CausalLMModule(L.LightningModule):
             self._load_initial_weights(init_from)
         if train.get("activation_checkpointing"):
             self.model.gradient_checkpointing_enable()
-        if train.get("compile"):
-            self.model.compile()  # in place: parameter names (and checkpoints) stay unchanged
+        self.fast_paths: FastPaths | None = None  # chosen in setup(), once the device is known
         self.params = count_params(self.model)
         self.seq_len = int(data_info["seq_len"])
         self.tokens_per_step = int(schedule["tokens_per_step"])
@@ -67,9 +69,27 @@ class CausalLMModule(L.LightningModule):
                            f"(first: {mismatched[:3]}); continued pretraining needs the same shapes")
         self.model.load_state_dict(theirs, strict=False)
 
+    def setup(self, stage: str) -> None:
+        """Pick the attention/SSM kernels for the device this rank runs on, then compile (in place, so
+        parameter names and checkpoints stay unchanged). Everything falls back to torch paths on CPU."""
+        if self.fast_paths is not None:
+            return
+        train = self.hparams.train
+        self.fast_paths = apply_fast_paths(self.model, self.trainer.strategy.root_device,
+                                           attention=train.get("attention", "auto"))
+        for note in self.fast_paths.notes:
+            log.info("fast paths: %s", note)
+        if train.get("compile"):
+            compile_model(self.model, chunked_loss=bool(train.get("loss_chunk_size")))
+        if self.trainer.is_global_zero and self.logger is not None:
+            try:
+                self.logger.log_hyperparams(self.fast_paths.as_params())
+            except Exception as err:  # a resumed run on another device: MLflow refuses to change a param
+                log.warning("fast-path params not logged: %s", err)
+
     def loss(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of a batch of blocks. input_ids: [batch, seq_len]."""
-        return self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        return causal_lm_loss(self.model, input_ids, chunk_size=self.hparams.train.get("loss_chunk_size"))
 
     # -- training -----------------------------------------------------------------------------------------
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:

@@ -137,6 +137,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                         save_on_train_epoch_end=True, every_n_epochs=1, save_top_k=-1),
         StepLog(run_dir / "steps.jsonl"),
     ]
+    if cfg.callbacks.get("optuna_pruning"):  # selected by conf/sweep/lr.yaml: stop hopeless trials early
+        callbacks.append(instantiate(cfg.callbacks.optuna_pruning, _execution_whitelist_=TRUSTED_TARGETS))
     if trainer_cfg.get("strategy") == "fsdp":
         trainer_cfg["strategy"] = fsdp_strategy(cfg)
     trainer = instantiate(trainer_cfg, precision=precision, logger=logger, callbacks=callbacks,

@@ -106,3 +106,13 @@ def test_full_size_preset_changes_nothing():
 def test_unknown_arch_is_a_clear_error():
     with pytest.raises(ConfigCompositionException, match="arch"):
         compose_config("train", ["arch=gpt5"])
+
+
+@pytest.mark.parametrize("arch,basis", [("mamba2", "total"), ("llama_gqa", "non_embedding")])
+def test_size_target_params_resizes_the_built_model(arch, basis):
+    """size.target_params=... is one override: the model that trains lands within ±1% of it."""
+    node, size = arch_node(arch, "tokenizer=bpe2k", "size.target_params=20e6", f"size.target_basis={basis}")
+    counts = count_params_meta(build_config(node, size))
+    assert abs(getattr(counts, basis) / 20e6 - 1) <= 0.01
+    plain = count_params_meta(build_config(node, {**size, "target_params": None}))
+    assert abs(getattr(plain, basis) / 20e6 - 1) > 0.01  # the full-size arch alone would miss it

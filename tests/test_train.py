@@ -77,6 +77,8 @@ def test_run_is_recorded_in_mlflow(prepared_sample, tmp_path):
     assert len(tags["git_sha"]) == 40 and tags["data_sha256"] and tags["tokenizer_sha256"]
     assert params["optim.lr"] == "0.0003" and params["model.sliding_window"] == "16"
     assert int(params["model/params_total"]) > 0
+    # the kernels chosen for this device are part of the record; on CPU the window runs on SDPA's mask
+    assert params["fast/attention"] == "sdpa" and "fast/attention_reason" in params
     artifacts = {a.path for a in MlflowClient().list_artifacts(result["run_id"])}
     assert {"config.yaml", "data", "tokenizer", "model_config.json", "hf"} <= artifacts
     assert (tmp_path / "config.yaml").read_text().count("mistral_swa") >= 1
