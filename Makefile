@@ -12,6 +12,10 @@ CORPUS ?= $(abspath ../shared/corpus/ro)
 DEMO := experiment=demo
 # The data half of the demo (lab.prepare has no trainer, so it takes just these overrides).
 DEMO_DATA := tokenizer=bpe2k data.seq_len=64
+# make sweep / make bakeoff
+ARCH ?= llama_gqa
+BAKEOFF ?= arch_bakeoff
+EXPERIMENT ?= demo
 
 .DEFAULT_GOAL := help
 .PHONY: help setup setup-gpu demo test test-slow data data-sample train multirun sweep bakeoff compare \
@@ -56,14 +60,15 @@ train: setup ## train one arch: make train ARGS="arch=mamba2"
 multirun: setup ## all five archs as one Hydra multirun: make multirun ARGS="experiment=demo"
 	$(PY) -m lab.train -m arch=$(ARCHS) $(ARGS)
 
-sweep: setup ## Optuna learning-rate sweep: make sweep ARGS="arch=mamba2"
-	$(PY) -m lab.train -m sweep=lr $(ARGS)
+sweep: setup ## Optuna learning-rate sweep of one arch: make sweep ARCH=mamba2 [ARGS="size=tiny ..."]
+	$(PY) -m lab.train -m sweep=lr arch=$(ARCH) $(ARGS)
 
-bakeoff: setup ## five archs x seeds on the same data order: make bakeoff ARGS="experiment=arch_bakeoff_tiny"
-	$(PY) -m lab.train -m experiment=arch_bakeoff $(ARGS)
+bakeoff: setup ## five archs x seeds, one MLflow experiment: make bakeoff [BAKEOFF=arch_bakeoff_tiny]
+	$(PY) -m lab.train -m experiment=$(BAKEOFF) $(ARGS)
+	$(PY) -m lab.compare --experiment $(BAKEOFF)
 
-compare: setup ## comparison table + plots from MLflow: make compare ARGS="--experiment demo"
-	$(PY) -m lab.compare $(ARGS)
+compare: setup ## table + plots from MLflow: make compare [EXPERIMENT=arch_bakeoff] [ARGS="--tag bakeoff=v1"]
+	$(PY) -m lab.compare --experiment $(EXPERIMENT) $(ARGS)
 
 quantize: setup ## torchao variants of a model: make quantize ARGS="model_path=outputs/.../hf"
 	$(PY) -m lab.quantize $(ARGS)

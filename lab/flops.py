@@ -258,6 +258,30 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
     return None
 
 
+def measured_matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                          size: int = 1024, repeats: int = 5) -> float:
+    """The FLOP/s a square matmul reaches here: the best of `repeats` after a warm-up.
+
+    For devices with no published peak (a CPU: its peak depends on cores, vector width and clocks),
+    this achievable GEMM rate stands in, so MFU on a CPU reads "share of what a large matmul gets",
+    an upper bound a training step cannot beat by much. Takes well under a second.
+    """
+    import time
+
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for attempt in range(repeats + 1):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        if attempt:  # the first is the warm-up
+            best = min(best, elapsed)
+    return 2 * size**3 / best
+
+
 def device_peaks(device_name: str) -> tuple[float, float, float] | None:
     """(bf16, tf32, fp32) dense TFLOP/s for a CUDA device name, e.g. "NVIDIA H100 80GB HBM3"."""
     for key, peaks in PEAK_TFLOPS:

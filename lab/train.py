@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import warnings
@@ -77,12 +78,17 @@ def fsdp_strategy(cfg: DictConfig) -> Any:
                         if cfg.train.activation_checkpointing else None, state_dict_type="full")
 
 
-def flops_and_peak(config: Any, seq_len: int, precision: str) -> tuple[float | None, float | None]:
-    from lab.flops import flops_per_token, peak_flops
+def flops_and_peak(config: Any, seq_len: int, precision: str) -> tuple[float | None, float | None, str]:
+    """FLOPs per trained token, the device's peak FLOP/s and where that peak came from."""
+    from lab.flops import PEAK_ENV, flops_per_token, measured_matmul_flops, peak_flops
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if "bf16" in precision else torch.float32
-    return flops_per_token(config, seq_len), peak_flops(device, dtype)
+    peak = peak_flops(device, dtype)
+    source = "env" if os.environ.get(PEAK_ENV) else "table"
+    if peak is None and device.type == "cpu":
+        peak, source = measured_matmul_flops(device, dtype), "measured_matmul"  # no published CPU peak
+    return flops_per_token(config, seq_len), peak, source if peak else "unknown"
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -168,7 +174,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                             scheduler=resolved["scheduler"], train=resolved["train"], schedule=schedule,
                             data_info=data_info, config_overrides=special, init_from=cfg.init_from)
 
-    flops_per_token, peak = flops_and_peak(module.config, cfg.data.seq_len, precision)
+    flops_per_token, peak, peak_source = flops_and_peak(module.config, cfg.data.seq_len, precision)
     trainer.callbacks.append(Throughput(flops_per_token, peak, window=max(1, min(10, total_steps // 4))))
     trainer.callbacks.append(StageEnd(run_dir, stage_names, bounds, manifest.tokenizer_dir, cfg.train.export_hf))
     if cfg.callbacks.energy in (True, "auto"):
@@ -179,7 +185,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 raise LabError("callbacks.energy=true needs codecarbon: pip install codecarbon") from None
 
     if trainer.is_global_zero:
-        _log_run_inputs(logger, cfg, resolved, run_dir, manifest, module, flops_per_token, total_steps, datamodule)
+        peak_info = {"throughput/peak_tflops": f"{peak / 1e12:.4g}" if peak else "unknown",
+                     "throughput/peak_source": peak_source}
+        _log_run_inputs(logger, cfg, resolved, run_dir, manifest, module, flops_per_token, total_steps, datamodule,
+                        peak_info)
     log.info("training %s (%s params) for %d steps over stages %s", cfg.arch_name, f"{module.params.total:,}",
              total_steps, dict(zip(stage_names, datamodule.stage_steps())))
 
@@ -205,7 +214,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _log_run_inputs(logger: MLFlowLogger, cfg: DictConfig, resolved: dict[str, Any], run_dir: Path, manifest: Any,
                     module: CausalLMModule, flops_per_token: float | None, total_steps: int,
-                    datamodule: CurriculumDataModule) -> None:
+                    datamodule: CurriculumDataModule, extra: dict[str, str] | None = None) -> None:
     """Everything needed to reproduce the run: resolved config, data manifest, tokenizer, model facts."""
     client, run_id = logger.experiment, logger.run_id
     params = params_from_config({k: v for k, v in resolved.items() if k not in ("hydra",)})
@@ -213,7 +222,7 @@ def _log_run_inputs(logger: MLFlowLogger, cfg: DictConfig, resolved: dict[str, A
                    "model/params_non_embedding": str(module.params.non_embedding),
                    "model/flops_per_token": str(flops_per_token), "model/class": type(module.model).__name__,
                    "train/total_steps": str(total_steps), "train/tokens_per_step": str(datamodule.tokens_per_step),
-                   "train/total_tokens": str(total_steps * datamodule.tokens_per_step)})
+                   "train/total_tokens": str(total_steps * datamodule.tokens_per_step), **(extra or {})})
     # the effective model fields, after the size preset (arch.* holds the file's full-size values)
     params.update({f"model.{k}": str(v) for k, v in module.config.to_diff_dict().items()
                    if isinstance(v, (int, float, str, bool))})

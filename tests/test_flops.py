@@ -11,7 +11,7 @@ from transformers import FalconConfig, LlamaConfig, PretrainedConfig
 
 from lab import CONF_DIR, LabError
 from lab.flops import (device_peaks, flop_breakdown, flops_per_token, kv_head_count, layer_kinds,
-                       mean_attended_keys, mfu, peak_flops)
+                       mean_attended_keys, measured_matmul_flops, mfu, peak_flops)
 from lab.models import build_config, build_model, kv_heads
 
 ARCHS = ["llama_gqa", "mistral_swa", "falcon_mqa", "mamba2", "llama_mha"]
@@ -153,6 +153,11 @@ def test_unknown_layout_is_a_lab_error():
         flops_per_token(PretrainedConfig(hidden_size=8, num_hidden_layers=1, vocab_size=8), 16)
     with pytest.raises(LabError, match="seq_len"):
         flops_per_token(LlamaConfig(), 0)
+
+
+def test_measured_matmul_rate_is_a_plausible_cpu_figure():
+    rate = measured_matmul_flops("cpu", torch.float32, size=256, repeats=2)
+    assert 1e8 < rate < 1e14  # 0.1 GFLOP/s .. 100 TFLOP/s: a real measurement, not a constant
 
 
 def test_peak_flops_table_and_overrides(monkeypatch):

@@ -79,6 +79,9 @@ def test_run_is_recorded_in_mlflow(prepared_sample, tmp_path):
     assert int(params["model/params_total"]) > 0
     # the kernels chosen for this device are part of the record; on CPU the window runs on SDPA's mask
     assert params["fast/attention"] == "sdpa" and "fast/attention_reason" in params
+    # a CPU has no published peak: MFU is against the matmul rate measured here, and says so
+    assert params["throughput/peak_source"] == "measured_matmul" and float(params["throughput/peak_tflops"]) > 0
+    assert 0 < metrics["throughput/mfu"] < 1
     artifacts = {a.path for a in MlflowClient().list_artifacts(result["run_id"])}
     assert {"config.yaml", "data", "tokenizer", "model_config.json", "hf"} <= artifacts
     assert (tmp_path / "config.yaml").read_text().count("mistral_swa") >= 1
