@@ -245,3 +245,15 @@ def test_two_process_ddp_ranks_read_disjoint_blocks(prepared_sample, tmp_path):
     order = stage.stage_order(0)
     assert sorted(ranks[0] + ranks[1]) == sorted(order.index(i) for i in range(order.num_samples))
     assert len(read_steps(tmp_path / "run")) == 12
+
+
+def test_init_from_continues_from_an_hf_export(prepared_sample, tmp_path):
+    """Continued pretraining (init_from=<HF folder>): the run starts from the exported weights."""
+    first = run_train(prepared_sample, tmp_path / "a", "arch=llama_gqa", "trainer.max_steps=2")
+    exported = {k: v.clone() for k, v in first["module"].model.state_dict().items()}
+    second = run_train(prepared_sample, tmp_path / "b", "arch=llama_gqa", "trainer.max_steps=1",
+                       "optim.lr=0", f"init_from={tmp_path / 'a' / 'hf'}")
+    for name, value in second["module"].model.state_dict().items():
+        torch.testing.assert_close(value, exported[name], msg=name)  # lr 0: the weights are the export's
+    with pytest.raises(LabError, match="do not fit"):
+        run_train(prepared_sample, tmp_path / "c", "arch=llama_mha", f"init_from={tmp_path / 'a' / 'hf'}")
