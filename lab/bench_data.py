@@ -89,6 +89,10 @@ def run_prepare(web: Path, books: Path, out: Path, overrides: list[str]) -> dict
             "worker_peak": peak.worker_peak, "timings": timings, "manifest": manifest, "log": output}
 
 
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # every reaped descendant, workers included
     return usage.ru_utime + usage.ru_stime
@@ -208,12 +212,17 @@ def main(argv: list[str] | None = None) -> None:
     workers = resolve_workers(args.workers)
     base = [f"prepare.workers={workers}", f"prepare.batch_mb={args.batch_mb}", f"tokenizer.vocab_size={args.vocab}", f"data.seq_len={args.seq_len}",
             *args.overrides]
-    report: dict[str, Any] = {"corpus": str(corpus), "workers": workers, "cpu_count": os.cpu_count()}
+    report: dict[str, Any] = {"corpus": str(corpus), "workers": workers, "cpu_count": os.cpu_count(),
+                              "load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp_dir:
         tmp = Path(tmp_dir)
         total = corpus_bytes(web, books)
-        print(f"corpus {corpus}: {total / MB:.1f} MB, {workers} worker(s) on {os.cpu_count()} cores", flush=True)
+        print(f"corpus {corpus}: {total / MB:.1f} MB, {workers} worker(s) on {os.cpu_count()} cores, load average "
+              f"{_load()} before", flush=True)
         main_run = run_prepare(web, books, tmp / "full", base)
+        # Other jobs on the machine inflate CPU seconds too (shared caches, hyper-threads): say how busy it was.
+        print(f"load average {_load()} after the main run")
+        report["load_average"] = {"before": report.get("load_before"), "after": os.getloadavg()}
         manifest = main_run["manifest"]
         print("\n".join(step_table(main_run, total)))
         print(f"peak RSS: {main_run['tree_peak'] / MB:.0f} MB process tree "

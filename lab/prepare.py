@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -208,7 +207,7 @@ class Pipeline:
         config = sc.ScanConfig(self.scan_dir, {name: sc.SourceScanConfig(spec, self.s.normalize[name],
                                                                          self.s.filters[name])
                                                for name, spec in self.s.sources.items()},
-                               self.s.minhash, self.s.split_salt, self.s.zstd_level)
+                               dd.MinHasher(**self.s.minhash).portable(), self.s.split_salt, self.s.zstd_level)
         per_source: dict[str, list[dict[str, Any]]] = defaultdict(list)
         workers = min(self.s.workers, max(1, math.ceil(total / self.s.batch_bytes)))
         with self._bar("scan", total) as bar:
@@ -579,13 +578,20 @@ def run(cfg: DictConfig) -> Path:
     return settings.prepared_dir
 
 
-@hydra.main(config_path="../conf", config_name="prepare")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except LabError as err:
         log.error("%s", err)
         sys.exit(f"error: {err}")
+
+
+def main() -> None:
+    # Hydra is imported here, not at the top: every spawned worker re-imports this module (as
+    # __mp_main__), and hydra's import cost each of them ~0.3 CPU-s.
+    import hydra
+
+    hydra.main(config_path="../conf", config_name="prepare")(_main)()
 
 
 if __name__ == "__main__":

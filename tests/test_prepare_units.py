@@ -114,6 +114,64 @@ def test_each_filter_rule_drops_what_it_names(rule):
     assert RULES[rule](DocStats(text), doc_filter.thresholds[rule]), rule
 
 
+def _mixed_docs(n: int = 120) -> list[str]:
+    """Documents of every kind the rules see: prose, each failing text, repeats, very short ones."""
+    import random
+
+    rng = random.Random(3)
+    words = PROSE.replace(".", "").replace(",", "").split()
+    docs = [PROSE, "", "!!! ???", "Unu doi.", "Unu doi trei patru"] + [t for t in FAILING.values() if t]
+    while len(docs) < n:
+        k = rng.randint(1, 300)
+        body = [rng.choice(words[:rng.randint(2, len(words))]) for _ in range(k)]
+        if rng.random() < 0.3:  # repeated passages: the n-gram rules' business
+            body += body[: rng.randint(1, k)]
+        docs.append(" ".join(body) + ".")
+    return docs
+
+
+def test_batched_rules_equal_the_per_document_rules():
+    """The scan runs the n-gram rules over batches (NgramBatch): same verdict as one document at a time."""
+    from lab.data.filters import NgramBatch
+
+    doc_filter = web_filter()
+    stats = [DocStats(t) for t in _mixed_docs()]
+    expected = [doc_filter.first_failure(s) for s in stats]
+    passed = [i for i, s in enumerate(stats) if doc_filter.first_document_failure(s) is None]
+    batch_verdicts = doc_filter.batch_failures(NgramBatch.of([stats[i] for i in passed]))
+    got = [doc_filter.first_document_failure(s) for s in stats]
+    for i, verdict in zip(passed, batch_verdicts):
+        got[i] = verdict
+    assert got == expected
+    assert {"max_top_ngram_char_frac", "max_dup_ngram_char_frac", None} <= set(expected)  # both paths ran
+    # the shares themselves, for every document (not only the ones reaching the rules)
+    batch = NgramBatch.of(stats)
+    from lab.data.filters import _dup_ngram_char_frac, _top_ngram_char_frac
+    for n in (2, 3, 5):
+        assert batch.top_ngram_char_frac(n).tolist() == [_top_ngram_char_frac(s, n) for s in stats]
+        assert batch.dup_ngram_char_frac(n).tolist() == [_dup_ngram_char_frac(s, n) for s in stats]
+
+
+def test_batched_minhash_equals_datasketch():
+    """Signatures computed with numpy over a batch equal datasketch's MinHash (scheme affine32)."""
+    from datasketch import MinHash
+
+    from lab.data.filters import NgramBatch
+
+    hasher = dd.MinHasher(num_perm=64, threshold=0.8, shingle_words=5, seed=1)
+    stats = [DocStats(t) for t in _mixed_docs(60) + [PROSE * 60]]  # a long one spans several blocks
+    for group in (stats, [s for s in stats if len(s.words) >= 5]):  # with and without short documents
+        got = hasher.batch_signatures(NgramBatch.of(group), group)
+        for s, signature in zip(group, got):
+            reference = MinHash(num_perm=64, seed=1, scheme="affine32", hashfunc=int)
+            reference.update_batch(hasher.shingles(s))
+            assert signature.tolist() == reference.hashvalues.tolist()
+    # a worker rebuilds the hasher without datasketch from the main process' parameters
+    rebuilt = dd.MinHasher(**hasher.portable())
+    assert (rebuilt.bands, rebuilt.rows) == (hasher.bands, hasher.rows)
+    assert rebuilt.signature(stats[0]).tolist() == hasher.signature(stats[0]).tolist()
+
+
 def test_filter_config_errors_and_disabling():
     with pytest.raises(LabError, match="unknown filter rule"):
         DocFilter.from_cfg({"min_wrds": 3})

@@ -197,19 +197,19 @@ def _collapse_page_breaks(lines: list[str | None], indented: list[bool]) -> tupl
     out: list[str | None] = []
     out_indented: list[bool] = []
     run: list[str | None] = []
-
-    def flush() -> None:
-        items = [None] if any(item is None for item in run) else run
-        out.extend(items)
-        out_indented.extend([False] * len(items))
-        run.clear()
-
     for line, indent in zip(lines, indented):
         if not line:
             run.append(line)
             continue
-        flush()
+        if run:  # (a check per line, not a call: this loop runs once per line of every book)
+            items = [None] if None in run else run
+            out.extend(items)
+            out_indented.extend([False] * len(items))
+            run = []
         out.append(line)
         out_indented.append(indent)
-    flush()
+    if run:
+        items = [None] if None in run else run
+        out.extend(items)
+        out_indented.extend([False] * len(items))
     return out, out_indented

@@ -27,13 +27,16 @@ import numpy as np
 import zstandard
 
 from lab.data.dedup import MinHasher, hash_text
-from lab.data.filters import DocFilter, DocStats
+from lab.data.filters import DocFilter, DocStats, NgramBatch
 from lab.data.io import RawRecord, SourceSpec, iter_source, parse_record
 from lab.data.normalize import Normalizer
 from lab.data.split import assign_split, sample_key
 from lab.data.steps import atomic_path, write_json_atomic
 
 EXAMPLES = 5  # located examples kept per malformed reason / filter rule
+# Words per batch of the n-gram rules and MinHash: large enough that numpy's per-call cost vanishes,
+# small enough that the batch's arrays stay a few MB (~40 B per word).
+BATCH_WORDS = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,45 @@ def scan_shard(task: ScanTask) -> dict[str, Any]:
     meta: dict[str, list[int]] = {k: [] for k in ("exact", "split", "sample", "text_bytes", "words")}
     signatures: list[np.ndarray] = []
 
-    for record in task.records:
+    # Documents that passed the per-document rules wait here for the n-gram rules and the MinHash,
+    # which run over a whole batch at once (NgramBatch); order is kept, so outputs are unchanged.
+    pending: list[tuple[int, str, str, str, DocStats]] = []
+    pending_words = 0
+    first_failed: dict[str, int] = {}  # rule -> position of its first document (orders the examples)
+
+    def record_filtered(rule: str, doc_id: str, position: int) -> None:
+        filtered[rule] += 1
+        first_failed[rule] = min(position, first_failed.get(rule, position))
+        examples = filtered_examples.setdefault(rule, [])
+        if len(examples) < EXAMPLES:
+            examples.append(doc_id)
+
+    def flush() -> None:
+        nonlocal pending_words
+        if not pending:
+            return
+        all_stats = [item[4] for item in pending]
+        batch = NgramBatch.of(all_stats)
+        verdicts = doc_filter.batch_failures(batch) if doc_filter.has_batch_rules else [None] * len(pending)
+        keep = [i for i, rule in enumerate(verdicts) if rule is None]
+        for (position, doc_id, *_), rule in zip(pending, verdicts):
+            if rule is not None:
+                record_filtered(rule, doc_id, position)
+        if keep:
+            kept_batch = batch if len(keep) == len(pending) else batch.subset(np.array(keep, dtype=np.int64))
+            signatures.append(minhasher.batch_signatures(kept_batch, [all_stats[i] for i in keep]))
+        for i in keep:
+            _, doc_id, text, folded, stats = pending[i]
+            lines.append(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False).encode("utf-8") + b"\n")
+            meta["exact"].append(hash_text(folded))
+            meta["split"].append(assign_split(task.source, doc_id, spec.val_fraction, config.split_salt))
+            meta["sample"].append(sample_key(task.source, doc_id))
+            meta["text_bytes"].append(len(folded.encode("utf-8")))
+            meta["words"].append(len(stats.words))
+        pending.clear()
+        pending_words = 0
+
+    for position, record in enumerate(task.records):
         bytes_in += len(record.payload or b"")
         if not record.is_doc:
             notes.append({"file": record.file, "line": record.line, "reason": record.error})
@@ -114,22 +155,18 @@ def scan_shard(task: ScanTask) -> dict[str, Any]:
         text = normalizer(raw_text)
         folded = normalizer.fold(text)
         stats = DocStats(folded)
-        rule = doc_filter.first_failure(stats)
+        rule = doc_filter.first_document_failure(stats)
         if rule is not None:
-            filtered[rule] += 1
-            examples = filtered_examples.setdefault(rule, [])
-            if len(examples) < EXAMPLES:
-                examples.append(doc_id)
+            record_filtered(rule, doc_id, position)
             continue
-        lines.append(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False).encode("utf-8") + b"\n")
-        meta["exact"].append(hash_text(folded))
-        meta["split"].append(assign_split(task.source, doc_id, spec.val_fraction, config.split_salt))
-        meta["sample"].append(sample_key(task.source, doc_id))
-        meta["text_bytes"].append(len(folded.encode("utf-8")))
-        meta["words"].append(len(stats.words))
-        signatures.append(minhasher.signature(stats))
+        pending.append((position, doc_id, text, folded, stats))
+        pending_words += len(stats.words)
+        if pending_words >= BATCH_WORDS:
+            flush()
+    flush()
+    filtered_examples = {rule: filtered_examples[rule] for rule in sorted(first_failed, key=first_failed.get)}
 
-    sig = np.stack(signatures) if signatures else np.empty((0, minhasher.num_perm), dtype=np.uint32)
+    sig = np.concatenate(signatures) if signatures else np.empty((0, minhasher.num_perm), dtype=np.uint32)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(Path(f"{prefix}.docs.jsonl.zst")) as tmp:
         tmp.write_bytes(zstandard.ZstdCompressor(level=config.zstd_level).compress(b"".join(lines)))
