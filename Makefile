@@ -86,7 +86,7 @@ bench: setup ## training throughput/MFU per arch, tuned vs plain (needs a GPU fo
 	$(PY) -m lab.bench $(ARGS)
 
 bench-data: setup ## data pipeline MB/s and peak RSS on the real corpus (CORPUS=...)
-	$(PY) -m lab.bench_data --corpus $(CORPUS) $(ARGS)
+	$(PY) -m lab.bench_data --corpus $(CORPUS) --batch-mb 4 $(ARGS)   # small shards keep every core busy on ~55 MB
 
 clean: ## remove run outputs (keeps .venv, data/prepared and the MLflow store)
 	rm -rf outputs multirun/*/ lightning_logs .pytest_cache
