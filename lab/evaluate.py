@@ -8,12 +8,15 @@ For the model (HF folder or lab.train checkpoint) and every variant lab.quantize
 
 - quality: loss / perplexity / bits-per-byte on each source's held-out split of the prepared data
   (manifest.json + <source>/val.bin; `bpb = loss / ln 2 * tokens / text_bytes`, the trainer's formula,
-  on the same evenly spaced blocks as the trainer's validation), the same on any text file (strided
-  sliding windows, HF's perplexity recipe), and multiple-choice accuracy on JSONL tasks (lab/tasks.py);
+  on the same evenly spaced blocks as the trainer's validation: `max_blocks=auto` takes the run's
+  train.val_max_blocks), the same on any text file (strided sliding windows, HF's perplexity recipe),
+  and multiple-choice accuracy on JSONL tasks (lab/tasks.py);
 - efficiency: parameters, bytes on disk, in-memory weight bytes, load time, peak memory while loading
   and generating (process RSS above the starting point on CPU, allocated memory on CUDA), time to
   first token per prompt length (capped to what the model's positions allow), decode tokens/s at
-  each batch size; optionally with a static KV cache + torch.compile (`efficiency.compile`).
+  each batch size; optionally with a static KV cache + torch.compile (`efficiency.compile`). On a
+  busy CPU, `threads=1` keeps the timings stable (torch's default of one thread per core stalls
+  when another job holds a core).
 
 Results go to the screen (a table per variant), to eval.json in the Hydra run folder, and to MLflow:
 one run per variant in the training run's experiment, tagged `eval_of` / `mlflow.parentRunId` = the
@@ -393,7 +396,7 @@ def _metric_name(stem: str) -> str:
 
 
 def evaluate_entry(entry: Entry, cfg: Mapping[str, Any], device: torch.device, tokenizer: Any,
-                   prepared_dir: Path | None) -> Report:
+                   prepared_dir: Path | None, max_blocks: int | None = None) -> Report:
     from lab.models import count_params
 
     report = Report(entry.name, entry.path, entry.quantized,
@@ -423,7 +426,7 @@ def evaluate_entry(entry: Entry, cfg: Mapping[str, Any], device: torch.device, t
     report.params["dtype"] = dtype_name(next(p.dtype for p in model.parameters() if p.is_floating_point()))
 
     if prepared_dir is not None:
-        per_source = heldout_perplexity(model, prepared_dir, cfg.get("sources"), cfg.get("max_blocks"),
+        per_source = heldout_perplexity(model, prepared_dir, cfg.get("sources"), max_blocks,
                                         int(cfg.get("batch_size", 8)))
         for src, values in per_source.items():
             report.metrics.update({f"val/{src}/{k}": v for k, v in values.items() if k != "tokens"})
@@ -458,6 +461,43 @@ def trained_window(model: nn.Module, prepared_dir: Path | None) -> int:
 
         return Manifest.load(prepared_dir).seq_len
     return 1024
+
+
+DEFAULT_MAX_BLOCKS = 256
+
+
+def resolve_max_blocks(value: Any, source: ModelSource) -> int | None:
+    """Val blocks per source. `auto`: the training run's train.val_max_blocks, so the held-out numbers are
+    computed on the very blocks of its val/<source>/* metrics and sit beside them unchanged; else 256."""
+    if value == "auto":
+        train = (source.run_config() or {}).get("train") or {}
+        if "val_max_blocks" in train:
+            value = train["val_max_blocks"]
+        else:
+            return DEFAULT_MAX_BLOCKS
+    if value in (None, "", "all"):
+        return None
+    try:
+        blocks = int(value)
+    except (TypeError, ValueError):
+        blocks = 0
+    if blocks < 1:
+        raise LabError(f"max_blocks={value!r} must be a positive integer, auto, or null (every val block)")
+    return blocks
+
+
+def set_threads(value: Any) -> int:
+    """CPU threads for torch (null: its default, one per core). On a shared or loaded machine, fewer
+    threads than cores keeps timings stable: a parallel region waits for its slowest thread."""
+    if value not in (None, "", "auto"):
+        try:
+            threads = int(value)
+        except (TypeError, ValueError):
+            threads = 0
+        if threads < 1:
+            raise LabError(f"threads={value!r} must be a positive integer or null (torch's default)")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def resolve_compile(value: Any, device: torch.device) -> bool:
@@ -593,6 +633,7 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> list[Report]:
     source = resolve_source(cfg.get("model_path"))
     device = resolve_device(cfg.get("device"))
     dtype = resolve_dtype(cfg.get("dtype"), device)
+    threads = set_threads(cfg.get("threads"))
     entries = variant_entries(source, cfg.get("variants"), device, dtype, cfg.get("quantized_dir"))
     tokenizer = load_tokenizer(source, cfg.get("tokenizer_path"))
     prepared_dir = resolve_prepared_dir(cfg.get("prepared_dir", "auto"), source)
@@ -601,9 +642,11 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> list[Report]:
     log.info("evaluating %s on %s: %s", source.path, device, ", ".join(e.name for e in entries))
     if (cfg.get("efficiency") or {}).get("enabled", True) and entries:
         warm_up_process(entries[0], device)
+    max_blocks = resolve_max_blocks(cfg.get("max_blocks", "auto"), source)
     reports = []
     for entry in entries:
-        reports.append(evaluate_entry(entry, cfg, device, tokenizer, prepared_dir))
+        reports.append(evaluate_entry(entry, cfg, device, tokenizer, prepared_dir, max_blocks))
+        reports[-1].params["threads"] = str(threads)
         log.info("%s: %s", entry.name, {k: round(v, 4) for k, v in reports[-1].metrics.items()})
     mlflow_cfg = cfg.get("mlflow") or {}
     if mlflow_cfg.get("enabled", True):

@@ -9,9 +9,11 @@ One item per line:
 choice (lm-eval's length normalisation), `chance` is the mean of 1/len(choices): the accuracy of
 guessing. The same numbers for any arch, float or quantized: only the model's logits are used.
 
-The HF exports also run in lm-eval itself for the public Romanian benchmarks, e.g.
-`lm_eval --model hf --model_args pretrained=<export>,dtype=float32 --tasks belebele_ron_Latn,xquad_ro`
-(see experiments/2026-11-22_quantize_eval/README.md).
+The HF exports (and lab.quantize's variant folders) also run in lm-eval itself for the public
+Romanian benchmarks, e.g.
+`lm_eval --model hf --model_args pretrained=<export>,dtype=float32 --tasks belebele_ron_Latn,xquad_ro`;
+data/sample/tasks/lm_eval/ holds the sample task in lm-eval's format, on which both give the same
+acc and acc_norm (see experiments/2026-12-01_quantize_eval/README.md).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class MCResult:
 
     @property
     def acc_stderr(self) -> float:
-        return math.sqrt(self.acc * (1 - self.acc) / self.n) if self.n > 1 else float("nan")
+        # the standard error of the mean of n 0/1 scores with the sample variance, as lm-eval reports it
+        return math.sqrt(self.acc * (1 - self.acc) / (self.n - 1)) if self.n > 1 else float("nan")
 
     def metrics(self) -> dict[str, float]:
         return {"acc": self.acc, "acc_norm": self.acc_norm, "acc_stderr": self.acc_stderr, "chance": self.chance}

@@ -228,10 +228,40 @@ def test_evaluate_a_checkpoint_without_mlflow_or_data(tiny_runs, tmp_path):
     cfg = eval_config(tiny_runs["llama_gqa"] / "checkpoints" / "last.ckpt", tmp_path, prepared_dir=None, texts=[],
                       tasks=[], quantized_dir=str(tmp_path / "none"), mlflow={"enabled": False})
     cfg["efficiency"]["batch_sizes"] = [1]
-    (report,) = evaluate(cfg)
+    cfg["threads"] = 1
+    threads = torch.get_num_threads()
+    try:
+        (report,) = evaluate(cfg)
+        assert torch.get_num_threads() == 1 and report.params["threads"] == "1"
+    finally:
+        torch.set_num_threads(threads)
     assert report.name == "fp32" and "size_mb" not in report.metrics   # a .ckpt's size is not the model's
     assert not any(k.startswith(("val/", "text/", "task/")) for k in report.metrics)
     assert report.metrics["decode_tok_s_bs1"] > 0 and report.run_id is None
+
+
+def test_max_blocks_auto_follows_the_training_runs_validation(tmp_path):
+    from lab.evaluate import DEFAULT_MAX_BLOCKS, resolve_max_blocks
+    from lab.quantize import ModelSource
+
+    source = ModelSource(tmp_path / "hf", "hf", run_dir=tmp_path)
+    assert resolve_max_blocks("auto", source) == DEFAULT_MAX_BLOCKS    # no run config
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml({"train": {"val_max_blocks": 64}}))
+    assert resolve_max_blocks("auto", source) == 64                    # the blocks behind its val/* metrics
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml({"train": {"val_max_blocks": None}}))
+    assert resolve_max_blocks("auto", source) is None                  # it validated on every block
+    assert resolve_max_blocks(8, source) == 8 and resolve_max_blocks(None, source) is None
+    with pytest.raises(LabError, match="max_blocks=0 must be"):
+        resolve_max_blocks(0, source)
+
+
+def test_bad_thread_counts_are_clear_errors():
+    from lab.evaluate import set_threads
+
+    assert set_threads(None) == torch.get_num_threads()   # null keeps torch's setting
+    for bad in (0, -2, "many"):
+        with pytest.raises(LabError, match="must be a positive integer"):
+            set_threads(bad)
 
 
 def test_peak_memory_sees_an_allocation():
