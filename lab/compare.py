@@ -275,11 +275,17 @@ def collect(client: MlflowClient, selection: Selection) -> tuple[list[RunData], 
         Column("trial", "trial", "int"),
         Column("pruned_at_step", "pruned at step", "int"),
     ]
-    for key in sorted(quant_keys):
+    for key in sorted(quant_keys, key=_natural_order):
         columns.append(_quant_column(key))
     # a column no run has is noise (e.g. kWh without codecarbon); an empty cell is for a run that lacks it
     columns = [c for c in columns if any(d.values.get(c.key) is not None for d in data)]
     return data, columns
+
+
+def _natural_order(key: str) -> tuple[Any, ...]:
+    """Numbers inside a key compare as numbers: ttft_ms_63 < ttft_ms_128 < ttft_ms_512 < ttft_ms_2048."""
+    # re.split with a group alternates text (even indices) and digit runs (odd indices)
+    return tuple(int(part) if index % 2 else part for index, part in enumerate(re.split(r"(\d+)", key)))
 
 
 def _quant_column(key: str) -> Column:

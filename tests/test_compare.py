@@ -203,3 +203,11 @@ def test_cli_prints_markdown(bakeoff, tmp_path, capsys):
     assert "| mamba2 | 2 |" in out and "logged to MLflow run" in out
     readme = (tmp_path / "cli" / "README.md").read_text()
     assert "python -m lab.compare --experiment bakeoff_t --tag bakeoff=t1" in readme
+
+
+def test_quantized_columns_sort_numbers_as_numbers():
+    from lab.compare import _natural_order
+
+    keys = ["quant/int8wo/ttft_ms_2048", "quant/int8wo/ttft_ms_128", "quant/int8wo/ttft_ms_63",
+            "quant/int8wo/ttft_ms_512"]
+    assert [k.rsplit("_", 1)[1] for k in sorted(keys, key=_natural_order)] == ["63", "128", "512", "2048"]
