@@ -2,6 +2,8 @@
 
 import logging
 import os
+import sys
+from typing import Any, Callable
 from pathlib import Path
 
 # torchao (imported by transformers) reports its CUDA-only extensions missing on CPU machines, and
@@ -27,3 +29,12 @@ TRUSTED_TARGETS = ["transformers.*", "lightning.pytorch.*", "lab.*", "torch.*"]
 
 class LabError(Exception):
     """An error the user can fix (bad path, bad override); entry points print it without a traceback."""
+
+
+def run_or_exit(job: Callable[[Any], Any], cfg: Any, log: logging.Logger) -> Any:
+    """Run an entry point's job; a LabError becomes one clear line and exit status 1, no traceback."""
+    try:
+        return job(cfg)
+    except LabError as err:
+        log.error("%s", err)
+        sys.exit(f"error: {err}")

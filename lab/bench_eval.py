@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lab import LabError
+from lab import LabError, run_or_exit
 from lab.evaluate import Report, _output_dir, evaluate
 from lab.quantize import (VARIANTS, default_output_dir, dtype_name, layers_to_keep_float, load_model, quantize,
                           read_index, resolve_device, resolve_dtype, resolve_source, weight_bytes)
@@ -152,11 +152,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
-        summary = bench(cfg)
-    except LabError as err:
-        log.error("%s", err)
-        sys.exit(f"error: {err}")
+    summary = run_or_exit(bench, cfg, log)
     failed = [c["name"] for c in summary["criteria"] if c["passed"] is False]
     if failed:
         sys.exit(f"benchmark failed: {', '.join(failed)}")

@@ -40,7 +40,6 @@ import logging
 import math
 import re
 import statistics
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,11 +50,11 @@ import hydra
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from transformers.generation.streamers import BaseStreamer
 
-from lab import LabError
+from lab import LabError, run_or_exit
 from lab.quantize import (VARIANTS, ModelSource, quiet_transformers, default_output_dir, disk_bytes, dtype_name,
                           load_model, load_tokenizer, read_index, resolve_device, resolve_dtype, resolve_source,
                           weight_bytes)
@@ -674,11 +673,7 @@ def _output_dir(cfg: Mapping[str, Any]) -> Path | None:
 
 @hydra.main(config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except LabError as err:
-        log.error("%s", err)
-        sys.exit(f"error: {err}")
+    run_or_exit(evaluate, cfg, log)
 
 
 if __name__ == "__main__":

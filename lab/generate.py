@@ -15,7 +15,6 @@ so by default a prompt starts after one (`prepend_eos`), as a new document would
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -25,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from lab import LabError
+from lab import LabError, run_or_exit
 from lab.quantize import quiet_transformers, load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
 
 log = logging.getLogger("lab.generate")
@@ -145,11 +144,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> list[list[str]]:
 
 @hydra.main(config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except LabError as err:
-        log.error("%s", err)
-        sys.exit(f"error: {err}")
+    run_or_exit(run, cfg, log)
 
 
 if __name__ == "__main__":

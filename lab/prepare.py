@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import resource
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from lab import LabError
+from lab import LabError, run_or_exit
 from lab.data import dedup as dd
 from lab.data import manifest as mf
 from lab.data import pack as pk
@@ -579,11 +578,7 @@ def run(cfg: DictConfig) -> Path:
 
 
 def _main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except LabError as err:
-        log.error("%s", err)
-        sys.exit(f"error: {err}")
+    run_or_exit(run, cfg, log)
 
 
 def main() -> None:

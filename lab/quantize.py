@@ -38,7 +38,6 @@ import logging
 import math
 import re
 import shutil
-import sys
 import time
 import types
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lab import LabError
+from lab import LabError, run_or_exit
 
 log = logging.getLogger("lab.quantize")
 
@@ -572,11 +571,7 @@ def quiet_transformers() -> None:
 
 @hydra.main(config_path="../conf", config_name="quantize")
 def main(cfg: DictConfig) -> None:
-    try:
-        quantize(cfg)
-    except LabError as err:
-        log.error("%s", err)
-        sys.exit(f"error: {err}")
+    run_or_exit(quantize, cfg, log)
 
 
 if __name__ == "__main__":

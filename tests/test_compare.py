@@ -8,7 +8,7 @@ import math
 import time
 
 import pytest
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from lab import LabError

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from torch import nn
