@@ -29,12 +29,11 @@ from typing import Any, Mapping
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from lab import LabError, run_or_exit
 from lab.evaluate import Report, _output_dir, evaluate
-from lab.quantize import (VARIANTS, default_output_dir, dtype_name, layers_to_keep_float, load_model, quantize,
-                          read_index, resolve_device, resolve_dtype, resolve_source, weight_bytes)
+from lab.quantize import (VARIANTS, default_output_dir, dtype_name, load_model, quantize, quantize_model, read_index,
+                          resolve_device, resolve_dtype, resolve_source, variant_options, weight_bytes)
 
 log = logging.getLogger("lab.bench_eval")
 
@@ -49,15 +48,12 @@ class Criterion:
 
 
 def weight_memory_ratio(model_path: Path, variant_name: str, options: Mapping[str, Any]) -> tuple[float, int, int]:
-    """(variant bytes / bf16 bytes, bf16 bytes, variant bytes) of the model's weights, quantized in memory on the CPU."""
-    from torchao.quantization import quantize_
-
+    """(variant bytes / bf16 bytes, bf16 bytes, variant bytes) of the model's weights, quantized in memory on the CPU
+    exactly as lab.quantize does (for int8wo: the tied embedding / LM head too, unless quantize_embedding=false)."""
     variant = VARIANTS[variant_name]
     model, _ = load_model(model_path, "cpu", torch.bfloat16)
     reference = weight_bytes(model)
-    keep_float = layers_to_keep_float(model, options.get("group_size") if variant.group_size else None)
-    quantize_(model, variant.make_config({"group_size": variant.group_size, **options}, torch.device("cpu")),
-              filter_fn=lambda module, name: isinstance(module, nn.Linear) and name not in keep_float)
+    quantize_model(model, variant, variant_options(variant, options), torch.device("cpu"))
     quantized = weight_bytes(model)
     return quantized / reference, reference, quantized
 

@@ -19,11 +19,20 @@ Variants (torchao 0.18 `quantize_` configs, applied while transformers loads the
     float8dq  Float8DynamicActivationFloat8WeightConfig(PerRow)           cuda, compute capability >= 8.9 (H100)
 
 What is quantized: the weight of every nn.Linear inside the blocks (attention q/k/v/o or the fused
-query_key_value, the MLP, Mamba2's in_proj/out_proj). What stays float: the input embedding and the
-LM head tied to it (quantizing the head would untie it and store a second copy), norms, biases,
-Mamba2's conv1d and SSM parameters (A_log, D, dt_bias). Per variant, a layer is also left float when
-its width does not divide into the variant's groups, or when its class overrides `forward` with
-something other than F.linear; quantize.json lists every such layer with the reason.
+query_key_value, the MLP, Mamba2's in_proj/out_proj). The tied input embedding / LM head: for int8wo
+by default (`variant_options.<variant>.quantize_embedding`; int8wo and int8dq only), quantized ONCE as
+the head's int8 weight (one scale per vocabulary row, which is also per token for the lookup) and that
+single tensor is shared with the embedding, so the model stays tied and stores one int8 copy; the
+other variants keep it float (quantizing only the head would untie it and store a second copy).
+What stays float: norms, biases, Mamba2's conv1d and SSM parameters (A_log, D, dt_bias). Per variant,
+a layer is also left float when its width does not divide into the variant's groups, or when its
+class overrides `forward` with something other than F.linear; quantize.json lists every such layer
+with the reason, and says per variant whether the embedding / head are quantized.
+
+A shared int8 embedding is saved once (under the embedding's name; the head is tied to it on load,
+as transformers does for float tied weights), so plain `from_pretrained` rebuilds the tied pair.
+torchao's F.embedding on an int8 tensor dequantizes the whole table per call; `load_model` routes the
+lookup through a row gather that dequantizes only the looked-up rows (the same numbers).
 
 Output: `<run_dir>/quantized/<model name>/` (`output_dir=` to change), one folder per variant plus
 quantize.json: per variant its path, bytes on disk, in-memory weight bytes, quantized/skipped layers,
@@ -75,6 +84,10 @@ class Variant:
     min_capability: tuple[int, int] | None = None   # CUDA compute capability it needs
     dtype: torch.dtype | None = None            # float dtype its kernels need (None: the reference dtype)
     group_size: int | None = None               # default group size (per-group schemes)
+    # can quantize the tied embedding / LM head once and share it: the weight tensor it makes implements
+    # both F.linear (head) and F.embedding (lookup) and one scale per vocabulary row
+    shares_embedding: bool = False
+    quantize_embedding: bool = False            # default of variant_options.<name>.quantize_embedding
 
     def unsupported_reason(self, device: torch.device) -> str | None:
         if device.type not in self.devices:
@@ -122,8 +135,10 @@ def _float8dq(options: Mapping[str, Any], device: torch.device) -> Any:
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("int8wo", "int8 weights (per-channel scales), matmul in the float dtype", _int8wo, ("cpu", "cuda")),
-    Variant("int8dq", "int8 weights and dynamically quantized int8 activations", _int8dq, ("cpu", "cuda")),
+    Variant("int8wo", "int8 weights (per-channel scales), matmul in the float dtype", _int8wo, ("cpu", "cuda"),
+            shares_embedding=True, quantize_embedding=True),
+    Variant("int8dq", "int8 weights and dynamically quantized int8 activations", _int8dq, ("cpu", "cuda"),
+            shares_embedding=True),
     Variant("intx4wo", "int4 weights in groups (stored unpacked, one int8 per value)", _intx4wo, ("cpu",),
             group_size=32),
     Variant("int4wo", "int4 weights in groups, packed for the tinygemm kernel", _int4wo, ("cuda",),
@@ -131,6 +146,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("float8dq", "float8 e4m3 weights and activations (per-row scales)", _float8dq, ("cuda",),
             min_capability=(8, 9), dtype=torch.bfloat16),
 )}
+
+
+def variant_options(variant: Variant, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The variant's knobs: its defaults (group_size, quantize_embedding) with `overrides` on top."""
+    return {"group_size": variant.group_size, "quantize_embedding": variant.quantize_embedding,
+            **dict(overrides or {})}
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -277,6 +298,23 @@ def use_linear_forward(model: nn.Module) -> dict[str, str]:
     return keep_float
 
 
+def _gather_embedding_forward(self: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
+    # index the quantized table (qdata, scales, zero points alike), then dequantize only those rows:
+    # elementwise the same numbers as F.embedding, which dequantizes the whole [vocab, d] table per call
+    rows = self.weight[input_ids.reshape(-1)]                        # torchao tensor [n, d]
+    return rows.dequantize().reshape(*input_ids.shape, -1)           # [*ids, d]
+
+
+def use_gather_embedding(model: nn.Module) -> bool:
+    """Give a plain nn.Embedding whose weight is a torchao tensor the row-gather lookup; True if it had one."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if (type(embedding) is not nn.Embedding or not is_quantized(embedding.weight)
+            or embedding.max_norm is not None):
+        return False
+    embedding.forward = types.MethodType(_gather_embedding_forward, embedding)
+    return True
+
+
 def _load_checkpoint(path: Path) -> nn.Module:
     """The HF model inside a lab.train checkpoint: rebuilt from its hyper-parameters, weights from `model.*`."""
     from lab.models import build_config, build_model
@@ -325,6 +363,7 @@ def load_model(source: ModelSource | str | Path, device: torch.device | str = "c
         except (OSError, ValueError, RuntimeError) as err:
             raise LabError(f"cannot load {source.path} as a causal LM: {err}") from err
     use_linear_forward(model)
+    use_gather_embedding(model)
     return model.eval(), source
 
 
@@ -377,18 +416,41 @@ def disk_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES))
 
 
+def is_quantized(tensor: Any) -> bool:
+    """Is this a torchao tensor subclass (int8/int4/float8 data + scales)?"""
+    return isinstance(tensor, torch.Tensor) and hasattr(tensor, "__tensor_flatten__")
+
+
 def quantized_layers(model: nn.Module) -> list[str]:
-    """Names of modules whose weight is a torchao tensor subclass."""
-    return [name for name, module in model.named_modules()
-            if isinstance(getattr(module, "weight", None), torch.Tensor)
-            and hasattr(module.weight, "__tensor_flatten__")]
+    """Names of modules whose weight is a torchao tensor subclass (a shared tied weight: every module using it)."""
+    return [name for name, module in model.named_modules() if is_quantized(getattr(module, "weight", None))]
+
+
+def tied_embedding(model: nn.Module) -> tuple[str, str] | None:
+    """(input embedding name, LM head name) when the two modules share one weight, else None."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embedding is None or head.weight is not embedding.weight:
+        return None
+    names = {id(module): name for name, module in model.named_modules()}
+    return names[id(embedding)], names[id(head)]
+
+
+def embedding_state(model: nn.Module) -> dict[str, Any]:
+    """What quantize.json / lab_variant.json say about the embedding and the LM head."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return {"embedding_quantized": embedding is not None and is_quantized(embedding.weight),
+            "lm_head_quantized": head is not None and is_quantized(head.weight),
+            "embedding_tied": head is not None and embedding is not None and head.weight is embedding.weight}
 
 
 # -- quantizing -----------------------------------------------------------------------------------------------------
 
 
-def layers_to_keep_float(model: nn.Module, group_size: int | None) -> dict[str, str]:
-    """{module name: reason} of the Linear layers a variant leaves float (see the module docstring)."""
+def layers_to_keep_float(model: nn.Module, group_size: int | None, quantize_embedding: bool = False) -> dict[str, str]:
+    """{module name: reason} of the Linear layers a variant leaves float (see the module docstring).
+
+    quantize_embedding: the LM head is quantized too when it is tied to a plain nn.Embedding (the caller
+    then shares the quantized weight with the embedding, `share_quantized_embedding`)."""
     keep = use_linear_forward(model)
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and embedding is not None and head.weight is embedding.weight
@@ -396,10 +458,54 @@ def layers_to_keep_float(model: nn.Module, group_size: int | None) -> dict[str, 
         if not isinstance(module, nn.Linear) or name in keep:
             continue
         if module is head:
-            keep[name] = "LM head (tied to the input embedding)" if tied else "LM head (output layer, kept float)"
+            if quantize_embedding and tied and type(embedding) is nn.Embedding:
+                continue
+            if tied and quantize_embedding:
+                keep[name] = f"LM head (tied to a {type(embedding).__name__}, not an nn.Embedding)"
+            elif tied:
+                keep[name] = "LM head (tied to the input embedding; quantize_embedding=false)"
+            else:
+                keep[name] = "LM head (output layer, kept float)"
         elif group_size and module.in_features % group_size:
             keep[name] = f"in_features={module.in_features} is not a multiple of group_size={group_size}"
     return keep
+
+
+def share_quantized_embedding(model: nn.Module, tied: tuple[str, str] | None) -> bool:
+    """After quantize_ replaced the tied head's weight by a torchao tensor (untying it), make the input
+    embedding use that same Parameter again: one int8 copy for the lookup and the head. True if shared."""
+    if tied is None:
+        return False
+    embedding, head = model.get_submodule(tied[0]), model.get_submodule(tied[1])
+    if not is_quantized(head.weight) or head.weight.shape != embedding.weight.shape:
+        return False
+    embedding.weight = head.weight
+    use_gather_embedding(model)
+    return True
+
+
+def quantize_model(model: nn.Module, variant: Variant, options: Mapping[str, Any],
+                   device: torch.device) -> tuple[Any, dict[str, str]]:
+    """Quantize `model` in place with `variant` (the layer choice of the module docstring).
+
+    Returns (torchao config, {layer kept float: reason})."""
+    from torchao.quantization import quantize_
+
+    quantize_embedding = bool(options.get("quantize_embedding", False))
+    if quantize_embedding and not variant.shares_embedding:
+        sharing = ", ".join(name for name, v in VARIANTS.items() if v.shares_embedding)
+        raise LabError(f"variant {variant.name}: quantize_embedding=true is supported for {sharing} only "
+                       f"(their weight tensor serves both the embedding lookup and the LM head)")
+    config = variant.make_config(options, device)
+    tied = tied_embedding(model)
+    keep_float = layers_to_keep_float(model, options.get("group_size") if variant.group_size else None,
+                                      quantize_embedding)
+    quantize_(model, config, filter_fn=lambda module, name: isinstance(module, nn.Linear) and name not in keep_float)
+    if quantize_embedding and tied is not None and tied[1] not in keep_float:
+        if not share_quantized_embedding(model, tied):
+            raise LabError(f"variant {variant.name}: the tied LM head {tied[1]} was not quantized; "
+                           "cannot share a quantized embedding")
+    return config, keep_float
 
 
 def default_output_dir(source: ModelSource) -> Path:
@@ -420,11 +526,12 @@ class VariantResult:
     torchao_config: str = ""
     reload_max_abs_diff: float = 0.0
     seconds: float = 0.0
+    embedding: dict[str, Any] = field(default_factory=dict)   # embedding_state(): quantized / tied flags
 
     def to_json(self) -> dict[str, Any]:
         return {"path": str(self.path), "description": self.description, "disk_bytes": self.disk_bytes,
                 "weight_bytes": self.weight_bytes, "quantized_layers": self.quantized_layers,
-                "kept_float": self.kept_float, "torchao_config": self.torchao_config,
+                "kept_float": self.kept_float, **self.embedding, "torchao_config": self.torchao_config,
                 "reload_max_abs_diff": self.reload_max_abs_diff, "seconds": round(self.seconds, 3)}
 
 
@@ -451,7 +558,21 @@ def save_reference(model: nn.Module, tokenizer: Any, folder: Path, source: Model
         shutil.rmtree(folder)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    _write_variant_meta(folder, dtype_name(dtype), source, quantized=False)
+    _write_variant_meta(folder, dtype_name(dtype), source, quantized=False, **embedding_state(model))
+
+
+def _flat_state_dict_once(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The torchao-flattened state dict with every tied target left out (its source holds the tensor).
+
+    transformers' own de-duplication of tied weights matches `lm_head.weight`, which the flattened
+    names (`lm_head._weight_qdata`...) no longer are, so a shared quantized weight would be written twice."""
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    state = model.state_dict()
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if target in state and source in state and model.get_parameter(target) is model.get_parameter(source):
+            del state[target]
+    return flatten_tensor_state_dict(state)
 
 
 def attach_hf_quantizer(model: nn.Module, config: Any, keep_float: Mapping[str, str]) -> None:
@@ -461,9 +582,13 @@ def attach_hf_quantizer(model: nn.Module, config: Any, keep_float: Mapping[str, 
     from transformers import TorchAoConfig
     from transformers.quantizers import AutoHfQuantizer
 
+    shared = embedding_state(model)
     # exact module names: transformers matches these as regexes up to a module boundary
-    quant_config = TorchAoConfig(config, modules_to_not_convert=[re.escape(name) for name in keep_float])
+    quant_config = TorchAoConfig(config, modules_to_not_convert=[re.escape(name) for name in keep_float],
+                                 include_input_output_embeddings=shared["embedding_quantized"])
     quantizer = AutoHfQuantizer.from_config(quant_config, pre_quantized=False)
+    if shared["embedding_quantized"]:
+        quantizer.get_state_dict_and_metadata = _flat_state_dict_once
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)
 
@@ -471,13 +596,10 @@ def attach_hf_quantizer(model: nn.Module, config: Any, keep_float: Mapping[str, 
 def quantize_variant(variant: Variant, reference_dir: Path, out_dir: Path, source: ModelSource, tokenizer: Any,
                      device: torch.device, options: Mapping[str, Any], reference_dtype: torch.dtype) -> VariantResult:
     """Quantize the float reference with `variant`'s torchao config, save it, and check it loads back."""
-    from torchao.quantization import quantize_
-
     start = time.perf_counter()
-    config = variant.make_config(options, device)
     model, _ = load_model(reference_dir, device, variant.dtype or reference_dtype)
-    keep_float = layers_to_keep_float(model, options.get("group_size") if variant.group_size else None)
-    quantize_(model, config, filter_fn=lambda module, name: isinstance(module, nn.Linear) and name not in keep_float)
+    config, keep_float = quantize_model(model, variant, options, device)
+    embedding = embedding_state(model)
     layers = quantized_layers(model)
     if not layers:
         raise LabError(f"variant {variant.name}: no layer could be quantized ({len(keep_float)} kept float: "
@@ -489,7 +611,7 @@ def quantize_variant(variant: Variant, reference_dir: Path, out_dir: Path, sourc
         shutil.rmtree(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    _write_variant_meta(out_dir, variant.name, source, quantized=True, kept_float=dict(keep_float))
+    _write_variant_meta(out_dir, variant.name, source, quantized=True, kept_float=dict(keep_float), **embedding)
     weights = weight_bytes(model)
     del model
     reloaded, _ = load_model(out_dir, device)
@@ -497,8 +619,11 @@ def quantize_variant(variant: Variant, reference_dir: Path, out_dir: Path, sourc
     if not math.isfinite(diff) or diff > 1e-3 * max(1.0, expected.abs().max().item()):
         raise LabError(f"variant {variant.name}: the saved folder {out_dir} does not reproduce the quantized model "
                        f"(max |logit diff| {diff:.3g} after reload)")
+    if embedding_state(reloaded) != embedding:
+        raise LabError(f"variant {variant.name}: the saved folder {out_dir} reloads with embedding/head "
+                       f"{embedding_state(reloaded)}, not {embedding}")
     return VariantResult(variant.name, out_dir, variant.description, disk_bytes(out_dir), weights, len(layers),
-                         dict(keep_float), repr(config), diff, time.perf_counter() - start)
+                         dict(keep_float), repr(config), diff, time.perf_counter() - start, embedding)
 
 
 def quantize(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -522,7 +647,7 @@ def quantize(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         "device": str(device), "reference": reference_name,
         "variants": {reference_name: {"path": str(reference_dir), "description": f"unquantized ({reference_name})",
                                       "disk_bytes": disk_bytes(reference_dir), "weight_bytes": weight_bytes(model),
-                                      "quantized_layers": 0}},
+                                      "quantized_layers": 0, **embedding_state(model)}},
     }
     previous = read_index(out_root)
     if previous and previous.get("reference") == reference_name and previous.get("source") == str(source.path):
@@ -534,7 +659,7 @@ def quantize(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
              ", ".join(v.name for v in variants))
     options_cfg = cfg.get("variant_options") or {}
     for variant in variants:
-        options = {"group_size": variant.group_size, **dict(options_cfg.get(variant.name) or {})}
+        options = variant_options(variant, options_cfg.get(variant.name))
         result = quantize_variant(variant, reference_dir, out_root / variant.name, source, tokenizer, device,
                                   options, reference_dtype)
         index["variants"][variant.name] = result.to_json()
@@ -552,12 +677,13 @@ def read_index(out_root: Path) -> dict[str, Any] | None:
 
 def format_index(index: Mapping[str, Any]) -> str:
     reference = index["variants"][index["reference"]]
-    lines = [f"{'variant':<10} {'disk MB':>9} {'x ref':>6} {'weights MB':>10} {'quantized':>9} {'kept float':>10}  "
-             "description"]
+    lines = [f"{'variant':<10} {'disk MB':>9} {'x ref':>6} {'weights MB':>10} {'quantized':>9} {'kept float':>10} "
+             f"{'emb/head':>8}  description"]
     for name, item in index["variants"].items():
+        embedding = "quant" if item.get("embedding_quantized") else "float"   # absent in older indexes: float
         lines.append(f"{name:<10} {item['disk_bytes'] / 1e6:>9.3f} {item['disk_bytes'] / reference['disk_bytes']:>6.3f} "
                      f"{item['weight_bytes'] / 1e6:>10.3f} {item['quantized_layers']:>9} "
-                     f"{len(item.get('kept_float', {})):>10}  {item['description']}")
+                     f"{len(item.get('kept_float', {})):>10} {embedding:>8}  {item['description']}")
     return "\n".join(lines)
 
 

@@ -22,8 +22,9 @@ from torch import nn
 
 from lab import CONF_DIR, PROJECT_ROOT, LabError
 from lab.models import build_config, build_model
-from lab.quantize import (VARIANTS, _computes_linear, layers_to_keep_float, load_model, load_tokenizer, quantize,
-                          quantized_layers, resolve_source, resolve_variants, tensor_bytes, use_linear_forward)
+from lab.quantize import (VARIANTS, _computes_linear, embedding_state, layers_to_keep_float, load_model, load_tokenizer,
+                          quantize, quantized_layers, resolve_source, resolve_variants, tensor_bytes,
+                          use_linear_forward)
 from tests.conftest import ARCHS
 
 SEQ_LEN = 32          # prepared blocks in the fixture
@@ -175,25 +176,76 @@ def test_quantize_every_arch_saves_variants_that_load_back(tiny_runs, arch, tmp_
         assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
         assert item["disk_bytes"] < reference["disk_bytes"] and item["weight_bytes"] < reference["weight_bytes"]
         assert item["reload_max_abs_diff"] == 0.0
-        assert item["kept_float"]["lm_head"].startswith("LM head")
+        # int8wo (by default) quantizes the tied embedding / head once; the others keep both float
+        shared = name == "int8wo"
+        flags = {"embedding_quantized": shared, "lm_head_quantized": shared, "embedding_tied": True}
+        assert {key: item[key] for key in flags} == flags
+        meta = json.loads((folder / "lab_variant.json").read_text())
+        assert {key: meta[key] for key in flags} == flags
+        head_name = next(n for n, m in float_model.named_modules() if m is float_model.get_output_embeddings())
+        assert (head_name in item["kept_float"]) is not shared
         # plain transformers reads the folder (quantization_config + torchao safetensors)
         plain = AutoModelForCausalLM.from_pretrained(folder)
         assert "quantization_config" in plain.config.to_dict()
         use_linear_forward(plain)
         layers = quantized_layers(plain)
+        # a shared weight counts once per module using it (embedding and head)
         assert len(layers) == item["quantized_layers"] > 0
-        # embeddings, the tied head, norms and (Mamba2) conv1d / SSM parameters stay float
-        assert plain.get_input_embeddings().weight.data_ptr() == plain.get_output_embeddings().weight.data_ptr()
-        assert type(plain.get_input_embeddings().weight) is nn.Parameter
+        # the tied pair stays one tensor; float unless shared; norms and (Mamba2) conv1d / SSM parameters float
+        assert plain.get_input_embeddings().weight is plain.get_output_embeddings().weight
+        assert embedding_state(plain) == flags
+        if not shared:
+            assert type(plain.get_input_embeddings().weight) is nn.Parameter
         for module_name, module in plain.named_modules():
             if isinstance(module, nn.Conv1d):
                 assert type(module.weight) is nn.Parameter, module_name
         got = logits_of(plain, PROBE)
+        # plain transformers' F.embedding (whole table dequantized) and load_model's row gather agree exactly
+        assert torch.equal(got, logits_of(load_model(folder)[0], PROBE))
         # relative error of the logits (an unrelated model would be ~1.4); random-init Mamba2 is the most
-        # sensitive (its in_proj also drives the gates and time steps): int8 weight-only 2-4%, with dynamic
-        # int8 activations up to ~8%, int4 34%
+        # sensitive (its in_proj also drives the gates and time steps): int8 weight-only 2-4% (+0.3-0.6
+        # points with the embedding / head in int8), with dynamic int8 activations up to ~8%, int4 34%
         error = ((got - expected).norm() / expected.norm()).item()
         assert error < {"int8wo": 0.06, "int8dq": 0.15, "intx4wo": 0.5}[name], (name, error)
+
+
+def test_shared_int8_embedding_is_stored_once_and_can_be_turned_off(tiny_runs, tmp_path):
+    from safetensors import safe_open
+
+    hf = tiny_runs["falcon_mqa"] / "hf"
+    shared = quantize({"model_path": str(hf), "variants": ["int8wo"], "device": "cpu",
+                       "output_dir": str(tmp_path / "on")})["variants"]
+    apart = quantize({"model_path": str(hf), "variants": ["int8wo"], "device": "cpu",
+                      "output_dir": str(tmp_path / "off"),
+                      "variant_options": {"int8wo": {"quantize_embedding": False}}})["variants"]
+    assert shared["int8wo"]["embedding_quantized"] and not apart["int8wo"]["embedding_quantized"]
+    assert apart["int8wo"]["kept_float"] == {
+        "lm_head": "LM head (tied to the input embedding; quantize_embedding=false)"}
+    assert shared["int8wo"]["kept_float"] == {} and shared["fp32"]["embedding_quantized"] is False
+    # one int8 copy, under the embedding's name: the fp32 [vocab, d] table became int8 + a float32 scale
+    # and an int8 zero point per vocabulary row
+    model, _ = load_model(shared["int8wo"]["path"])
+    vocab, width = model.get_input_embeddings().weight.shape
+    saved = apart["int8wo"]["weight_bytes"] - shared["int8wo"]["weight_bytes"]
+    assert saved == vocab * width * 4 - (vocab * width + vocab * 4 + vocab)
+    with safe_open(Path(shared["int8wo"]["path"]) / "model.safetensors", "pt") as f:
+        keys = [k for k in f.keys() if "word_embeddings" in k or "lm_head" in k]
+    assert sorted(keys) == [f"transformer.word_embeddings._weight_{s}" for s in ("qdata", "scale", "zero_point")]
+    assert shared["int8wo"]["disk_bytes"] < apart["int8wo"]["disk_bytes"] - vocab * width * 2
+    # the lookup gathers rows: the same numbers as F.embedding on the whole (dequantized) table
+    embedding = model.get_input_embeddings()
+    ids = torch.tensor([[0, 5, vocab - 1], [3, 3, 1]])                      # [2, 3]
+    torch.testing.assert_close(embedding(ids), F.embedding(ids, embedding.weight), rtol=0, atol=0)
+
+
+def test_embedding_quantization_only_for_int8_variants(tiny_runs):
+    model, _ = load_model(tiny_runs["llama_gqa"] / "hf")
+    from lab.quantize import quantize_model, variant_options
+
+    with pytest.raises(LabError, match=r"intx4wo: quantize_embedding=true is supported for int8wo, int8dq only"):
+        quantize_model(model, VARIANTS["intx4wo"], variant_options(VARIANTS["intx4wo"], {"quantize_embedding": True}),
+                       torch.device("cpu"))
+    assert layers_to_keep_float(model, None, quantize_embedding=True) == {}
 
 
 def test_which_layers_are_quantized(tiny_runs, tmp_path):
@@ -203,7 +255,7 @@ def test_which_layers_are_quantized(tiny_runs, tmp_path):
     layers = quantized_layers(model)
     n_blocks = model.config.num_hidden_layers
     assert sorted(layers) == sorted([f"backbone.layers.{i}.mixer.{p}" for i in range(n_blocks)
-                                     for p in ("in_proj", "out_proj")])
+                                     for p in ("in_proj", "out_proj")] + ["backbone.embeddings", "lm_head"])
     mixer = model.backbone.layers[0].mixer
     for name in ("A_log", "D", "dt_bias"):
         assert type(getattr(mixer, name)) is nn.Parameter
