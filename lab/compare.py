@@ -463,10 +463,7 @@ def plot_val_loss(data: Sequence[RunData], by: str, path: Path) -> Path | None:
         handles, labels = ax.get_legend_handles_labels()
         order = sorted(range(len(labels)), key=labels.__getitem__)
         ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_throughput(rows: Sequence[Row], path: Path) -> Path | None:
@@ -490,9 +487,15 @@ def plot_throughput(rows: Sequence[Row], path: Path) -> Path | None:
     ax.set_title("throughput")
     ax.tick_params(axis="x", rotation=30)
     ax.grid(axis="y", alpha=0.3)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plt.close(fig)  # pyplot keeps every open figure alive otherwise
     return path
 
 
@@ -548,10 +551,7 @@ def plot_lr(points: Sequence[LrPoint], objective: str, path: Path) -> Path | Non
     ax.set_title("learning rate vs objective")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 # -- the whole comparison ------------------------------------------------------------------------------------------
