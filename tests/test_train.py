@@ -257,3 +257,32 @@ def test_init_from_continues_from_an_hf_export(prepared_sample, tmp_path):
         torch.testing.assert_close(value, exported[name], msg=name)  # lr 0: the weights are the export's
     with pytest.raises(LabError, match="do not fit"):
         run_train(prepared_sample, tmp_path / "c", "arch=llama_mha", f"init_from={tmp_path / 'a' / 'hf'}")
+
+
+def test_energy_is_logged_when_codecarbon_is_installed(prepared_sample, tmp_path, monkeypatch):
+    """callbacks.energy: kWh, CO2 and Wh per million tokens from codecarbon's tracker (a stand-in here)."""
+    import types
+
+    class FakeTracker:
+        def __init__(self, **kwargs):
+            assert kwargs["country_iso_code"] == "ROU"  # offline: no network lookup of the grid's carbon intensity
+            self.final_emissions_data = None
+
+        def start(self):
+            pass
+
+        def stop(self):
+            self.final_emissions_data = types.SimpleNamespace(energy_consumed=0.002, emissions=0.0005)
+
+    monkeypatch.setitem(sys.modules, "codecarbon", types.SimpleNamespace(OfflineEmissionsTracker=FakeTracker))
+    result = run_train(prepared_sample, tmp_path, "arch=llama_gqa", "trainer.max_steps=2", "callbacks.energy=true")
+    metrics = MlflowClient().get_run(result["run_id"]).data.metrics
+    tokens = 2 * result["module"].tokens_per_step
+    assert metrics["energy/kwh"] == 0.002 and metrics["energy/co2_kg"] == 0.0005
+    assert abs(metrics["energy/wh_per_mtoken"] - 2.0 / tokens * 1e6) < 1e-6
+
+
+def test_energy_true_without_codecarbon_is_a_clear_error(prepared_sample, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "codecarbon", None)  # import fails as if not installed
+    with pytest.raises(LabError, match="pip install codecarbon"):
+        run_train(prepared_sample, tmp_path, "arch=llama_gqa", "trainer.max_steps=1", "callbacks.energy=true")
