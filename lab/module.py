@@ -212,6 +212,15 @@ class CausalLMModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Called before Lightning restores its loops from the same dict. A stage checkpoint is written
+        # inside on_train_epoch_end, where the epoch counts as processed but not completed; restored as
+        # is, Lightning starts the next stage with the finished stage's batch count and skips most of it.
+        # Marked as "last batch done, epoch not processed" (what a step checkpoint at the boundary
+        # holds), Lightning closes the stage and starts the next one from its first batch.
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress")
+        if progress:
+            for counts in (progress["current"], progress["total"]):
+                counts["processed"] = min(counts["processed"], counts["completed"])
         saved = checkpoint.get("lab", {})
         info = self.hparams.data_info
         for key in ("data_sha256", "tokenizer_sha256"):

@@ -46,7 +46,7 @@ def resolve_precision(precision: str) -> str:
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """`last`: the newest last.ckpt among earlier runs with this run_name (single runs and multiruns)."""
+    """`last`: the newest checkpoint among earlier runs with this run_name (single runs and multiruns)."""
     if not cfg.ckpt_path:
         return None
     if cfg.ckpt_path != "last":
@@ -55,11 +55,30 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
             raise LabError(f"ckpt_path={cfg.ckpt_path} does not exist")
         return str(path)
     root = Path(cfg.paths.root_dir)
-    candidates = [*root.glob(f"outputs/{cfg.run_name}/*/checkpoints/last.ckpt"),
-                  *root.glob(f"multirun/*/*_{cfg.run_name}/checkpoints/last.ckpt")]
+    # every checkpoint counts (step, stage end, guard stop): a run killed before its first step checkpoint
+    # may still have a stage checkpoint
+    candidates = [*root.glob(f"outputs/{cfg.run_name}/*/checkpoints/*.ckpt"),
+                  *root.glob(f"multirun/*/*_{cfg.run_name}/checkpoints/*.ckpt")]
     if not candidates:
         raise LabError(f"ckpt_path=last: no earlier checkpoint for run_name={cfg.run_name} under outputs/ or multirun/")
     return str(max(candidates, key=lambda p: p.stat().st_mtime))
+
+
+def validate_at_stage_ends(trainer: L.Trainer) -> None:
+    """Make the last batch of every epoch (= curriculum stage) a validation point.
+
+    Lightning validates every `val_check_interval` batches of an epoch, and at its last batch only when
+    the stage length happens to be a multiple; the stage-end numbers (and `forgetting`, measured from
+    them) must not depend on that. The stage checkpoint is written after this validation.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    lightning_says = epoch_loop._should_check_val_fx
+
+    def should_check_val(data_fetcher: Any) -> bool:
+        at_stage_end = epoch_loop.batch_progress.is_last_batch and epoch_loop._should_check_val_epoch()
+        return lightning_says(data_fetcher) or at_stage_end
+
+    epoch_loop._should_check_val_fx = should_check_val
 
 
 def fsdp_strategy(cfg: DictConfig) -> Any:
@@ -159,6 +178,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # validate every eval_every_steps and at each stage end; Lightning counts micro-batches per epoch
     shortest_stage = min(b - a for a, b in zip(bounds, bounds[1:]))
     trainer.val_check_interval = max(1, min(cfg.train.eval_every_steps, shortest_stage)) * accumulate
+    validate_at_stage_ends(trainer)
 
     stage_names = [s.name for s in datamodule.stages]
     schedule = {"total_steps": total_steps, "tokens_per_step": datamodule.tokens_per_step,

@@ -149,17 +149,23 @@ def read_steps(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows}
 
 
+KILL_RESUME_COMMON = ["trainer.max_steps=-1", "train.export_hf=false", "train.eval_every_steps=4",
+                      "train.val_max_blocks=2",
+                      "data.stages=[{name:web,sources:[web],tokens:3072},{name:books,sources:[books],tokens:2048}]"]
+
+
+def launch_train(prepared: Path, run_dir: Path, *extra: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
+    """lab.train in a subprocess (12 web + 8 books steps); kill_at: SIGKILL itself after that step."""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT),
+           **({"LAB_FAULT_KILL_AT_STEP": str(kill_at)} if kill_at else {})}
+    return subprocess.run([sys.executable, "-m", "lab.train", *tiny_train_overrides(prepared), *KILL_RESUME_COMMON,
+                           f"hydra.run.dir={run_dir}", *extra], env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_kill_and_resume_gives_the_same_losses(prepared_sample, tmp_path):
     """A run killed with SIGKILL mid-stage and resumed reproduces the uninterrupted loss sequence bit for bit."""
-    common = [*tiny_train_overrides(prepared_sample), "trainer.max_steps=-1", "train.export_hf=false",
-              "callbacks.checkpoint.every_n_steps=3", "train.eval_every_steps=4", "train.val_max_blocks=2",
-              "data.stages=[{name:web,sources:[web],tokens:3072},{name:books,sources:[books],tokens:2048}]"]
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-
     def launch(run_dir: Path, *extra: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
-        run_env = {**env, **({"LAB_FAULT_KILL_AT_STEP": str(kill_at)} if kill_at else {})}
-        return subprocess.run([sys.executable, "-m", "lab.train", *common, f"hydra.run.dir={run_dir}", *extra],
-                              env=run_env, capture_output=True, text=True, timeout=300)
+        return launch_train(prepared_sample, run_dir, "callbacks.checkpoint.every_n_steps=3", *extra, kill_at=kill_at)
 
     straight = launch(tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
@@ -177,6 +183,22 @@ def test_kill_and_resume_gives_the_same_losses(prepared_sample, tmp_path):
     assert combined == expected  # exact float equality, step by step
     # the resumed run continues the same MLflow run
     assert (tmp_path / "resumed" / "mlflow_run_id").read_text() == (tmp_path / "killed" / "mlflow_run_id").read_text()
+
+
+@pytest.mark.parametrize("checkpoint", ["step0000012.ckpt", "stage0.ckpt"])
+def test_resume_from_a_stage_boundary_trains_the_next_stage(prepared_sample, tmp_path, checkpoint):
+    """A checkpoint taken exactly at the end of the web stage (step 12) resumes into the whole books stage."""
+    every = ["callbacks.checkpoint.every_n_steps=12", "train.eval_every_steps=5"]  # 12 is no multiple of 5
+    straight = launch_train(prepared_sample, tmp_path / "straight", *every)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = launch_train(prepared_sample, tmp_path / "killed", *every, kill_at=14)
+    assert killed.returncode == -9
+    resumed = launch_train(prepared_sample, tmp_path / "resumed", *every,
+                           f"ckpt_path={tmp_path / 'killed' / 'checkpoints' / checkpoint}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, after_resume = read_steps(tmp_path / "straight"), read_steps(tmp_path / "resumed")
+    assert sorted(after_resume) == list(range(13, 21))  # all 8 books steps, none of the web stage again
+    assert after_resume == {s: v for s, v in expected.items() if s > 12}
 
 
 def test_resume_refuses_other_data(prepared_sample, tmp_path):
@@ -286,3 +308,15 @@ def test_energy_true_without_codecarbon_is_a_clear_error(prepared_sample, tmp_pa
     monkeypatch.setitem(sys.modules, "codecarbon", None)  # import fails as if not installed
     with pytest.raises(LabError, match="pip install codecarbon"):
         run_train(prepared_sample, tmp_path, "arch=llama_gqa", "trainer.max_steps=1", "callbacks.energy=true")
+
+
+def test_every_stage_end_is_validated(prepared_sample, tmp_path):
+    """Stages of 12 and 8 steps with eval every 5: validation at 5, 10, 12 (web end), 17, 20 (books end)."""
+    result = run_train(prepared_sample, tmp_path, *KILL_RESUME_COMMON[:2], "train.eval_every_steps=5",
+                       *KILL_RESUME_COMMON[3:])
+    client = MlflowClient()
+    # Lightning stamps a validation inside the loop with the step count before the one just taken
+    steps = {m.step + 1 for m in client.get_metric_history(result["run_id"], "val/web/loss")}
+    assert steps == {5, 10, 12, 17, 20}
+    # forgetting: web measured during books against its value at the end of the web stage
+    assert client.get_metric_history(result["run_id"], "val/web/forgetting")
