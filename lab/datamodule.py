@@ -9,6 +9,7 @@ arch sees the same blocks in the same order, and a resumed run can skip exactly 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ class PackedBlocks(Dataset):
         state = self.__dict__.copy()
         state.pop("_tokens", None)
         return state
+
+log = logging.getLogger("lab.datamodule")
 
 
 @dataclass(frozen=True)
@@ -248,6 +251,13 @@ class CurriculumDataModule(L.LightningDataModule):
             for stage in self.stages
         }
         self.val_sources = [s for s in self.manifest.sources if self.manifest.split(s, "val").get("blocks", 1)]
+        if not self.val_sources:
+            raise LabError(f"the prepared data at {prepared_dir} has no validation blocks in any source, so nothing "
+                           "can be evaluated; prepare it again with a larger data.sources.<name>.val_fraction or a "
+                           "smaller data.seq_len")
+        for source in sorted(set(self.manifest.sources) - set(self.val_sources)):
+            log.warning("source %r has no validation blocks: it is trained on but not evaluated "
+                        "(raise data.sources.%s.val_fraction or lower data.seq_len when preparing)", source, source)
 
     # -- the schedule, known before training starts ---------------------------------------------------
     def set_world(self, world_size: int, rank: int) -> None:

@@ -37,7 +37,9 @@ class CausalLMModule(L.LightningModule):
         stage_bounds. data_info: seq_len, val bytes-per-token per source, data/tokenizer hashes.
         """
         super().__init__()
-        self.save_hyperparameters()  # plain containers only, so checkpoints load with weights_only=True
+        # plain containers only, so checkpoints load with weights_only=True; lab.train logs the whole
+        # resolved config as MLflow params itself (logger=False avoids a second, slash-keyed copy)
+        self.save_hyperparameters(logger=False)
         self.config = build_config(arch, size, **(config_overrides or {}))
         self.model = build_model(self.config)
         if init_from:

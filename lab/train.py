@@ -13,7 +13,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import hydra
 import lightning as L
@@ -62,6 +62,30 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if not candidates:
         raise LabError(f"ckpt_path=last: no earlier checkpoint for run_name={cfg.run_name} under outputs/ or multirun/")
     return str(max(candidates, key=lambda p: p.stat().st_mtime))
+
+
+# Settings a resumed run may change: how it is shown, where it runs and how it resumes, not what it trains.
+RESUME_MAY_CHANGE = ("ckpt_path", "paths.", "trainer.enable_progress_bar", "trainer.devices", "trainer.num_nodes",
+                     "trainer.accelerator", "trainer.strategy", "train.num_workers", "train.export_hf", "logger.",
+                     "callbacks.energy", "callbacks.checkpoint.", "trainer.log_every_n_steps",
+                     "train.eval_every_steps", "tags.")
+
+
+def check_resume_settings(uri: str, run_id: str, resolved: Mapping[str, Any]) -> None:
+    """Refuse, before anything is logged, a resume whose training settings differ from the run's record."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        recorded = MlflowClient(uri).get_run(run_id).data.params
+    except Exception:  # the run is gone from this store: nothing to compare with
+        return
+    now = params_from_config({k: v for k, v in resolved.items() if k != "hydra"})
+    changed = sorted(k for k, v in now.items()
+                     if k in recorded and recorded[k] != v and not k.startswith(RESUME_MAY_CHANGE))
+    if changed:
+        detail = "; ".join(f"{k}: {recorded[k]} -> {now[k]}" for k in changed[:8])
+        raise LabError(f"resuming MLflow run {run_id} with other settings ({detail}{'; ...' if len(changed) > 8 else ''}). "
+                       "Resume with the run's own settings, or start a new run (without ckpt_path) to train differently")
 
 
 def validate_at_stage_ends(trainer: L.Trainer) -> None:
@@ -139,6 +163,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path and (Path(ckpt_path).parent.parent / "mlflow_run_id").is_file():
         # a resumed run continues the same MLflow run
         run_id_file.write_text((Path(ckpt_path).parent.parent / "mlflow_run_id").read_text())
+    if run_id_file.is_file():
+        check_resume_settings(uri, run_id_file.read_text().strip(), resolved)
     tags = {"arch": str(cfg.arch_name), "size": str(cfg.size.name), "seed": str(cfg.seed),
             "data_sha256": manifest.data_sha256, "tokenizer_sha256": manifest.tokenizer_sha256,
             "experiment_name": str(cfg.experiment_name), "run_dir": str(run_dir), **git_info(),
@@ -151,6 +177,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     max_steps_cap = int(trainer_cfg.pop("max_steps", -1))
     trainer_cfg.pop("precision", None)
+    if trainer_cfg.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise LabError(f"trainer.accelerator={trainer_cfg['accelerator']} asks for a GPU, but no CUDA device is "
+                       "visible here; use trainer=cpu (or trainer=default, which picks what there is)")
     checkpoint_cfg = cfg.callbacks.checkpoint
     checkpoints = run_dir / "checkpoints"
     callbacks: list[L.Callback] = [
@@ -174,6 +203,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     bounds = datamodule.stage_boundaries()
     total_steps = bounds[-1] if max_steps_cap <= 0 else min(bounds[-1], max_steps_cap)
+    if total_steps < bounds[-2]:
+        log.warning("trainer.max_steps=%d ends inside stage %r: the later stage(s) %s will not run",
+                    total_steps, datamodule.stages[datamodule.stage_at(total_steps)].name,
+                    [s.name for s in datamodule.stages[datamodule.stage_at(total_steps) + 1:]])
+    # a run shorter than the logging interval would record no training metrics at all
+    trainer.log_every_n_steps = max(1, min(trainer.log_every_n_steps, total_steps))
     trainer.fit_loop.epoch_loop.max_steps = total_steps
     # validate every eval_every_steps and at each stage end; Lightning counts micro-batches per epoch
     shortest_stage = min(b - a for a, b in zip(bounds, bounds[1:]))

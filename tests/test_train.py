@@ -320,3 +320,39 @@ def test_every_stage_end_is_validated(prepared_sample, tmp_path):
     assert steps == {5, 10, 12, 17, 20}
     # forgetting: web measured during books against its value at the end of the web stage
     assert client.get_metric_history(result["run_id"], "val/web/forgetting")
+
+
+def test_resume_with_other_settings_is_refused_before_touching_the_run(prepared_sample, tmp_path):
+    first = run_train(prepared_sample, tmp_path / "first", "trainer.max_steps=3", "callbacks.checkpoint.every_n_steps=1")
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    with pytest.raises(LabError, match=r"optim.lr: 0.0003 -> 0.001"):
+        run_train(prepared_sample, tmp_path / "second", "trainer.max_steps=3", "optim.lr=1e-3", f"ckpt_path={last}")
+    assert MlflowClient().get_run(first["run_id"]).info.status == "FINISHED"  # the record is untouched
+    # how a run is shown or exported may change on resume
+    again = run_train(prepared_sample, tmp_path / "third", "trainer.max_steps=3", "train.export_hf=false",
+                      f"ckpt_path={last}")
+    assert again["run_id"] == first["run_id"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_gpu_trainer_without_a_gpu_is_a_clear_error(prepared_sample, tmp_path):
+    with pytest.raises(LabError, match="no CUDA device"):
+        run_train(prepared_sample, tmp_path, "trainer=gpu")
+
+
+def test_short_runs_still_log_training_metrics(prepared_sample, tmp_path):
+    """Fewer steps than trainer.log_every_n_steps: the interval shrinks so the run still has its metrics."""
+    result = run_train(prepared_sample, tmp_path, "trainer.max_steps=3", "trainer.log_every_n_steps=50")
+    metrics = MlflowClient().get_run(result["run_id"]).data.metrics
+    assert {"train/loss", "lr", "throughput/tokens_per_s"} <= set(metrics)
+
+
+def test_no_validation_blocks_is_a_clear_error(prepared_sample, tmp_path):
+    altered = tmp_path / "noval"
+    shutil.copytree(prepared_sample, altered)
+    manifest = json.loads((altered / "manifest.json").read_text())
+    for source in manifest["sources"].values():
+        source["splits"]["val"]["blocks"] = 0  # e.g. a corpus with fewer held-out tokens than one block
+    (altered / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LabError, match="no validation blocks"):
+        datamodule(altered)
