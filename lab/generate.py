@@ -1,4 +1,4 @@
-"""Sample text from any lab model: `python -m lab.generate model_path=<run>/hf prompt='Era odată'`.
+"""Sample text from any lab model: `python -m lab.generate model_path=<run>/hf "prompt='Era odată'"`.
 
     python -m lab.generate model_path=outputs/<run>/<time>/hf "prompt='Era odată'" [max_new_tokens=100]
     python -m lab.generate model_path=.../quantized/hf/int8wo prompt_file=prompts.txt do_sample=false
@@ -85,7 +85,7 @@ def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
             raise LabError(f"prompt_file {path} has no prompt (one per non-empty line)")
         return prompts
     if prompt is None or str(prompt) == "":
-        raise LabError("give a prompt: prompt='Era odată' or prompt_file=<file with one prompt per line>")
+        raise LabError("give a prompt: \"prompt='Era odată'\" (quoted as a whole) or prompt_file=<file with one prompt per line>")
     return [str(prompt)]
 
 
