@@ -21,6 +21,11 @@ def _find_project_root() -> Path:
     return Path.cwd()
 
 
+from omegaconf import OmegaConf  # noqa: E402  (after the logging set-up above)
+
+# ${lab.basename:/data/ro} -> "ro": names the prepared data after the corpus folder it came from.
+OmegaConf.register_new_resolver("lab.basename", lambda path: Path(str(path)).name, replace=True)
+
 PROJECT_ROOT = Path(os.environ.setdefault("PROJECT_ROOT", str(_find_project_root())))
 CONF_DIR = PROJECT_ROOT / "conf"
 # What config `_target_`s may instantiate (Hydra 1.4 asks call sites for an execution whitelist).

@@ -16,6 +16,7 @@ fingerprint and outputs are intact ("reusing ...") and redoes the rest. Python A
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import resource
@@ -567,6 +568,7 @@ class Pipeline:
 def run(cfg: DictConfig) -> Path:
     """Prepare the data of a composed conf/prepare.yaml config; returns data.prepared_dir."""
     settings = Settings.from_cfg(cfg)
+    _refuse_other_corpus(settings, overwrite=bool(cfg.prepare.get("overwrite", False)))
     with run_lock(settings.prepared_dir):
         remove_stale_tmp(settings.prepared_dir)
         remove_stale_tmp(settings.work_dir)
@@ -574,7 +576,34 @@ def run(cfg: DictConfig) -> Path:
     log.info("prepared %s\n%s", settings.prepared_dir, mf.summary_table(manifest))
     log.info("tokenizer report\n%s", tk.format_report(manifest["tokenizer_report"]))
     mf.log_to_mlflow(manifest)
+    for name, info in manifest["sources"].items():
+        if not info.get("docs_in"):
+            log.warning("source %r has no documents at %s", name, settings.sources[name].path)
+    # documents there, none kept: a wrong text field or filters that do not fit this corpus
+    empty = [name for name, info in manifest["sources"].items() if info.get("docs_in") and not info.get("docs_kept")]
+    if empty:
+        hints = ", ".join(f"data.sources.{n}.text_field (now {settings.sources[n].text_field!r})"
+                          for n in empty if settings.sources[n].kind == "jsonl")
+        raise LabError(f"source(s) {empty} kept no documents (see the counts above){'; check ' + hints if hints else ''}")
     return settings.prepared_dir
+
+
+def _refuse_other_corpus(settings: Settings, overwrite: bool) -> None:
+    """Prepared data named for one corpus must not be silently replaced by another's."""
+    existing = settings.prepared_dir / "manifest.json"
+    if overwrite or not existing.is_file():
+        return
+    try:
+        recorded = json.loads(existing.read_text()).get("sources", {})
+    except (OSError, ValueError):
+        return  # unreadable: the pipeline rebuilds it
+    moved = {name: (info.get("path"), str(settings.sources[name].path)) for name, info in recorded.items()
+             if name in settings.sources and info.get("path")
+             and Path(info["path"]).resolve() != Path(settings.sources[name].path).resolve()}
+    if moved:
+        detail = "; ".join(f"{n}: {old} -> {new}" for n, (old, new) in moved.items())
+        raise LabError(f"{settings.prepared_dir} holds data prepared from other files ({detail}); choose another "
+                       "data.prepared_dir, or replace it with prepare.overwrite=true")
 
 
 def _main(cfg: DictConfig) -> None:

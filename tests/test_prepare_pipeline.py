@@ -265,3 +265,24 @@ def test_resume_after_a_crash_between_steps(corpus, reference, tmp_path, monkeyp
         run(cfg)
     monkeypatch.undo()
     assert bin_hashes(run(cfg)) == reference
+
+
+def test_a_source_that_keeps_nothing_is_an_error_that_names_the_field(tmp_path):
+    rng = random.Random(2)
+    web = tmp_path / "web.jsonl"
+    web.write_text("\n".join(json.dumps({"id": f"d{i}", "content": ro_doc(rng)}) for i in range(5)) + "\n")
+    cfg, _ = compose(tmp_path, web, SAMPLE_DIR / "books")
+    with pytest.raises(LabError, match=r"\['web'\] kept no documents.*text_field"):
+        run(cfg)
+    # the accounting is still written: every line counted as missing the text field
+    manifest = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
+    assert manifest["sources"]["web"]["malformed_reasons"] == {"missing_text_field": 5}
+
+
+def test_prepared_data_of_another_corpus_is_not_replaced_silently(sample, tmp_path):
+    rng = random.Random(3)
+    web = tmp_path / "other.jsonl"
+    web.write_text("\n".join(json.dumps({"id": f"d{i}", "text": ro_doc(rng)}) for i in range(5)) + "\n")
+    cfg, _ = compose(tmp_path, web, SAMPLE_DIR / "books", f"data.prepared_dir={sample}")
+    with pytest.raises(LabError, match="other files.*prepare.overwrite=true"):
+        run(cfg)
