@@ -310,6 +310,21 @@ class Row:
     runs: list[RunData]
     mean: dict[str, float | None]
     std: dict[str, float | None]
+    mixed: list[str] = field(default_factory=list)  # settings that differ between the runs averaged here
+
+
+# Params that may differ between the runs of one row: the seed and how/where a run was launched.
+_SAME_ROW_MAY_DIFFER = ("seed", "data.shuffle_seed", "run_name", "ckpt_path", "tags.", "paths.", "logger.",
+                        "hydra", "callbacks.", "trainer.enable_progress_bar", "trainer.devices", "train.num_workers",
+                        "fast/", "throughput/peak")
+
+
+def mixed_settings(items: Sequence[RunData]) -> list[str]:
+    """Config params whose values differ between runs that one row averages (besides the seed)."""
+    params = [i.run.data.params for i in items]
+    keys = set().union(*params) if params else set()
+    return sorted(k for k in keys if not k.startswith(_SAME_ROW_MAY_DIFFER)
+                  and len({p.get(k) for p in params}) > 1)
 
 
 def build_rows(data: Sequence[RunData], columns: Sequence[Column], by: str = "arch") -> list[Row]:
@@ -325,7 +340,8 @@ def build_rows(data: Sequence[RunData], columns: Sequence[Column], by: str = "ar
             mean[column.key] = statistics.fmean(values) if values else None
             std[column.key] = statistics.stdev(values) if len(values) > 1 else None
         label = key if by == "arch" else f"{items[0].name} ({items[0].run_id[:8]})"  # sweep runs share names
-        rows.append(Row(label, items[0].arch, list(items), mean, std))
+        mixed = mixed_settings(items) if by == "arch" and len(items) > 1 else []
+        rows.append(Row(label, items[0].arch, list(items), mean, std, mixed))
     rows.sort(key=lambda r: (r.mean["objective"] is None, r.mean["objective"] or 0.0, r.label))
     return rows
 
@@ -664,6 +680,11 @@ def _readme(experiment: str, name: str, uri: str, tags: Mapping[str, str], by: s
              + "; cells are mean ± sample std over the runs when they differ",
              "- values: final validation metrics (or at early stop), median throughput/MFU over logging windows,"
              " wall time from MLflow start/end", "", "## Table", "", markdown, ""]
+    for row in rows:
+        if row.mixed:
+            lines += [f"**Caution:** the {len(row.runs)} {row.label} runs averaged differ in more than the seed: "
+                      f"{', '.join(row.mixed[:8])}{' ...' if len(row.mixed) > 8 else ''} (filter with --tag, "
+                      "or --by run).", ""]
     ranked = [r for r in rows if r.mean.get("objective") is not None]
     if len(ranked) > 1:
         best, runner_up = ranked[0], ranked[1]
@@ -739,6 +760,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     for run, why in result.selection.skipped:
         print(f"skipped {run.info.run_id[:8]} ({run.info.run_name}): {why}")
+    for row in result.rows:
+        if row.mixed:
+            print(f"caution: the {len(row.runs)} {row.label} runs averaged differ in more than the seed: "
+                  f"{', '.join(row.mixed[:8])} (filter with --tag, or use --by run)")
     print(f"wrote {', '.join(p.name for p in result.files)} to {result.out_dir}")
     if result.compare_run_id:
         print(f"logged to MLflow run {result.compare_run_id}")

@@ -89,6 +89,7 @@ def test_table_rows_by_arch(bakeoff, tmp_path):
     assert [row.label for row in result.rows] == ["mamba2", "llama_gqa"]  # lowest val loss first
     llama, mamba = rows["llama_gqa"], rows["mamba2"]
     assert len(llama.runs) == 2 and len(mamba.runs) == 2
+    assert llama.mixed == [] and mamba.mixed == []  # seeds only: a clean mean ± std
     assert llama.mean["val_loss"] == pytest.approx(3.1)
     assert llama.std["val_loss"] == pytest.approx(math.sqrt(0.02))  # sample std of 3.0, 3.2
     assert llama.mean["ppl"] == pytest.approx((math.exp(3.0) + math.exp(3.2)) / 2)
@@ -211,3 +212,12 @@ def test_quantized_columns_sort_numbers_as_numbers():
     keys = ["quant/int8wo/ttft_ms_2048", "quant/int8wo/ttft_ms_128", "quant/int8wo/ttft_ms_63",
             "quant/int8wo/ttft_ms_512"]
     assert [k.rsplit("_", 1)[1] for k in sorted(keys, key=_natural_order)] == ["63", "128", "512", "2048"]
+
+
+def test_rows_that_average_different_settings_say_so(store, tmp_path):
+    uri, client, exp_id = store
+    make_run(client, exp_id, "llama_gqa", 1, 3.0, lr=3e-3)
+    make_run(client, exp_id, "llama_gqa", 2, 3.2, lr=1e-3)
+    result = compare("bakeoff_t", {"bakeoff": "t1"}, uri=uri, out_dir=tmp_path / "out", today=TODAY)
+    assert result.rows[0].mixed == ["optim.lr"]
+    assert "differ in more than the seed: optim.lr" in (tmp_path / "out" / "README.md").read_text()
