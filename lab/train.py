@@ -68,7 +68,9 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 RESUME_MAY_CHANGE = ("ckpt_path", "paths.", "trainer.enable_progress_bar", "trainer.devices", "trainer.num_nodes",
                      "trainer.accelerator", "trainer.strategy", "train.num_workers", "train.export_hf", "logger.",
                      "callbacks.energy", "callbacks.checkpoint.", "trainer.log_every_n_steps",
-                     "train.eval_every_steps", "tags.")
+                     "train.eval_every_steps", "tags.",
+                     # where the data lives (its content is checked by hash when the checkpoint loads)
+                     "data.prepared_dir", "data.web_path", "data.books_dir")
 
 
 def check_resume_settings(uri: str, run_id: str, resolved: Mapping[str, Any]) -> None:
@@ -80,8 +82,9 @@ def check_resume_settings(uri: str, run_id: str, resolved: Mapping[str, Any]) ->
     except Exception:  # the run is gone from this store: nothing to compare with
         return
     now = params_from_config({k: v for k, v in resolved.items() if k != "hydra"})
-    changed = sorted(k for k, v in now.items()
-                     if k in recorded and recorded[k] != v and not k.startswith(RESUME_MAY_CHANGE))
+    changed = sorted(k for k, v in now.items() if k in recorded and recorded[k] != v
+                     and not k.startswith(RESUME_MAY_CHANGE)
+                     and not (k.startswith("data.sources.") and k.endswith(".path")))  # any source's files
     if changed:
         detail = "; ".join(f"{k}: {recorded[k]} -> {now[k]}" for k in changed[:8])
         raise LabError(f"resuming MLflow run {run_id} with other settings ({detail}{'; ...' if len(changed) > 8 else ''}). "

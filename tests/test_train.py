@@ -213,7 +213,7 @@ def test_resume_refuses_other_data(prepared_sample, tmp_path):
     manifest["data_sha256"] = "0" * 64
     (altered / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(LabError, match="data_sha256"):
-        run_train(altered, tmp_path / "second", "trainer.max_steps=5",
+        run_train(altered, tmp_path / "second", "trainer.max_steps=3",
                   f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
 
 
