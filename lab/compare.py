@@ -30,7 +30,7 @@ from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
 from lab import PROJECT_ROOT, LabError
-from lab.tracking import tracking_uri
+from lab.tracking import is_launch_setting, tracking_uri
 
 # Tags that mark runs which are not training runs of the study.
 KIND_TAG = "kind"                 # kind=compare: a run this module logged
@@ -313,17 +313,14 @@ class Row:
     mixed: list[str] = field(default_factory=list)  # settings that differ between the runs averaged here
 
 
-# Params that may differ between the runs of one row: the seed and how/where a run was launched.
-_SAME_ROW_MAY_DIFFER = ("seed", "data.shuffle_seed", "run_name", "ckpt_path", "tags.", "paths.", "logger.",
-                        "hydra", "callbacks.", "trainer.enable_progress_bar", "trainer.devices", "train.num_workers",
-                        "fast/", "throughput/peak")
+_SEED_PARAMS = {"seed", "data.shuffle_seed"}  # what a row's runs are meant to differ in
 
 
 def mixed_settings(items: Sequence[RunData]) -> list[str]:
     """Config params whose values differ between runs that one row averages (besides the seed)."""
     params = [i.run.data.params for i in items]
     keys = set().union(*params) if params else set()
-    return sorted(k for k in keys if not k.startswith(_SAME_ROW_MAY_DIFFER)
+    return sorted(k for k in keys if k not in _SEED_PARAMS and not is_launch_setting(k)
                   and len({p.get(k) for p in params}) > 1)
 
 

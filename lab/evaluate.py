@@ -476,26 +476,24 @@ def resolve_max_blocks(value: Any, source: ModelSource) -> int | None:
             return DEFAULT_MAX_BLOCKS
     if value in (None, "", "all"):
         return None
+    return _positive_int(value, "max_blocks", "auto, or null (every val block)")
+
+
+def _positive_int(value: Any, name: str, alternatives: str) -> int:
     try:
-        blocks = int(value)
+        number = int(value)
     except (TypeError, ValueError):
-        blocks = 0
-    if blocks < 1:
-        raise LabError(f"max_blocks={value!r} must be a positive integer, auto, or null (every val block)")
-    return blocks
+        number = 0
+    if number < 1:
+        raise LabError(f"{name}={value!r} must be a positive integer or {alternatives}")
+    return number
 
 
 def set_threads(value: Any) -> int:
     """CPU threads for torch (null: its default, one per core). On a shared or loaded machine, fewer
     threads than cores keeps timings stable: a parallel region waits for its slowest thread."""
     if value not in (None, "", "auto"):
-        try:
-            threads = int(value)
-        except (TypeError, ValueError):
-            threads = 0
-        if threads < 1:
-            raise LabError(f"threads={value!r} must be a positive integer or null (torch's default)")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(_positive_int(value, "threads", "null (torch's default)"))
     return torch.get_num_threads()
 
 

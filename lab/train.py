@@ -1,4 +1,6 @@
-"""Train one model: `python -m lab.train arch=mamba2`; several: `python -m lab.train -m arch=llama_gqa,mamba2`.
+"""Train one model: `python -m lab.train arch=<name>`; several: `python -m lab.train -m arch=<name>,<name>`.
+
+<name> is any file of conf/arch; nothing here depends on which.
 
 Returns the configured objective (val/loss by default) so Hydra's Optuna sweeper can minimise it.
 """
@@ -28,7 +30,7 @@ from lab import TRUSTED_TARGETS, LabError
 from lab.callbacks import Energy, StageEnd, StepLog, Throughput, export_hf
 from lab.datamodule import CurriculumDataModule
 from lab.module import CausalLMModule
-from lab.tracking import get_or_create_experiment, git_info, params_from_config, tracking_uri
+from lab.tracking import get_or_create_experiment, git_info, is_launch_setting, params_from_config, tracking_uri
 
 log = logging.getLogger("lab.train")
 
@@ -64,15 +66,6 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(max(candidates, key=lambda p: p.stat().st_mtime))
 
 
-# Settings a resumed run may change: how it is shown, where it runs and how it resumes, not what it trains.
-RESUME_MAY_CHANGE = ("ckpt_path", "paths.", "trainer.enable_progress_bar", "trainer.devices", "trainer.num_nodes",
-                     "trainer.accelerator", "trainer.strategy", "train.num_workers", "train.export_hf", "logger.",
-                     "callbacks.energy", "callbacks.checkpoint.", "trainer.log_every_n_steps",
-                     "train.eval_every_steps", "tags.",
-                     # where the data lives (its content is checked by hash when the checkpoint loads)
-                     "data.prepared_dir", "data.web_path", "data.books_dir")
-
-
 def check_resume_settings(uri: str, run_id: str, resolved: Mapping[str, Any]) -> None:
     """Refuse, before anything is logged, a resume whose training settings differ from the run's record."""
     from mlflow.tracking import MlflowClient
@@ -82,9 +75,7 @@ def check_resume_settings(uri: str, run_id: str, resolved: Mapping[str, Any]) ->
     except Exception:  # the run is gone from this store: nothing to compare with
         return
     now = params_from_config({k: v for k, v in resolved.items() if k != "hydra"})
-    changed = sorted(k for k, v in now.items() if k in recorded and recorded[k] != v
-                     and not k.startswith(RESUME_MAY_CHANGE)
-                     and not (k.startswith("data.sources.") and k.endswith(".path")))  # any source's files
+    changed = sorted(k for k, v in now.items() if k in recorded and recorded[k] != v and not is_launch_setting(k))
     if changed:
         detail = "; ".join(f"{k}: {recorded[k]} -> {now[k]}" for k in changed[:8])
         raise LabError(f"resuming MLflow run {run_id} with other settings ({detail}{'; ...' if len(changed) > 8 else ''}). "
