@@ -108,6 +108,7 @@ class _Abort(Exception):
     pass
 
 
+@pytest.mark.slow  # flex attention compiles on first use (~20 s on CPU); the numeric check below stays in make test
 def test_flex_block_mask_skips_out_of_window_blocks():
     """The BlockMask transformers hands the flex kernel for a windowed model: key blocks beyond the
     window are absent, so the kernel never visits them (a dense mask would visit all of them)."""

@@ -185,7 +185,8 @@ def test_kill_and_resume_gives_the_same_losses(prepared_sample, tmp_path):
     assert (tmp_path / "resumed" / "mlflow_run_id").read_text() == (tmp_path / "killed" / "mlflow_run_id").read_text()
 
 
-@pytest.mark.parametrize("checkpoint", ["step0000012.ckpt", "stage0.ckpt"])
+# the stage checkpoint is the case that once lost the next stage; the step checkpoint runs with `make test-slow`
+@pytest.mark.parametrize("checkpoint", [pytest.param("step0000012.ckpt", marks=pytest.mark.slow), "stage0.ckpt"])
 def test_resume_from_a_stage_boundary_trains_the_next_stage(prepared_sample, tmp_path, checkpoint):
     """A checkpoint taken exactly at the end of the web stage (step 12) resumes into the whole books stage."""
     every = ["callbacks.checkpoint.every_n_steps=12", "train.eval_every_steps=5"]  # 12 is no multiple of 5
@@ -269,6 +270,7 @@ def test_two_process_ddp_ranks_read_disjoint_blocks(prepared_sample, tmp_path):
     assert len(read_steps(tmp_path / "run")) == 12
 
 
+@pytest.mark.slow  # three trainings (~1 min on 2 cores)
 def test_init_from_continues_from_an_hf_export(prepared_sample, tmp_path):
     """Continued pretraining (init_from=<HF folder>): the run starts from the exported weights."""
     first = run_train(prepared_sample, tmp_path / "a", "arch=llama_gqa", "trainer.max_steps=2")
