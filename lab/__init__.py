@@ -21,10 +21,15 @@ def _find_project_root() -> Path:
     return Path.cwd()
 
 
-from omegaconf import OmegaConf  # noqa: E402  (after the logging set-up above)
+import omegaconf  # noqa: E402  (after the logging set-up above)
+from omegaconf import OmegaConf  # noqa: E402
 
+# OmegaConf 2.4 renamed register_new_resolver to register_resolver (the old name warns at every
+# import, in every worker process); before 2.4, register_resolver is the legacy string-only API.
+_OMEGACONF_2_4 = tuple(int(p) for p in omegaconf.__version__.split(".")[:2]) >= (2, 4)
+_register_resolver = OmegaConf.register_resolver if _OMEGACONF_2_4 else OmegaConf.register_new_resolver
 # ${lab.basename:/data/ro} -> "ro": names the prepared data after the corpus folder it came from.
-OmegaConf.register_new_resolver("lab.basename", lambda path: Path(str(path)).name, replace=True)
+_register_resolver("lab.basename", lambda path: Path(str(path)).name, replace=True)
 
 PROJECT_ROOT = Path(os.environ.setdefault("PROJECT_ROOT", str(_find_project_root())))
 CONF_DIR = PROJECT_ROOT / "conf"

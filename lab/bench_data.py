@@ -189,6 +189,23 @@ def step_table(result: dict[str, Any], total_bytes: int) -> list[str]:
     return lines
 
 
+def target_lines(result: dict[str, Any], total_bytes: int) -> list[str]:
+    """Issue #3's targets: end to end (the steps that scale with the corpus) and the tokenize step."""
+    t = result["timings"]
+    streaming_cpu = sum(t[s]["cpu_seconds"] for s in ("scan", "dedup", "pack"))
+    end_to_end = total_bytes / MB / max(1e-9, streaming_cpu)
+    tokenize = t["pack"]["bytes"] / MB / max(1e-9, t["pack"]["cpu_seconds"])
+    encoder = result["manifest"].get("pack_encoder", {})
+
+    def verdict(value: float, target: float) -> str:
+        return f"{value:.2f} MB/s/core (target >= {target:g}: {'met' if value >= target else 'NOT met'})"
+
+    return [f"end to end (scan + dedup + pack, per input MB): {verdict(end_to_end, 2)}",
+            f"tokenize (pack, per kept text MB): {verdict(tokenize, 3)}; backend {encoder.get('backends', '?')}, "
+            f"{encoder.get('checked_chars', 0) / 1e6:.1f} M characters cross-checked against tokenizers, "
+            f"{encoder.get('mismatched_shards', 0)} shard(s) disagreed"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, required=True, help="folder with web.jsonl and books/")
@@ -225,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         report["load_average"] = {"before": report.get("load_before"), "after": os.getloadavg()}
         manifest = main_run["manifest"]
         print("\n".join(step_table(main_run, total)))
+        print("\n".join(target_lines(main_run, total)))
         print(f"peak RSS: {main_run['tree_peak'] / MB:.0f} MB process tree "
               f"(main {main_run['main_peak'] / MB:.0f} MB, largest worker {main_run['worker_peak'] / MB:.0f} MB)")
         print(summary_table(manifest))

@@ -34,6 +34,7 @@ from lab import LabError, run_or_exit
 from lab.data import dedup as dd
 from lab.data import manifest as mf
 from lab.data import pack as pk
+from lab.data.encode import BACKENDS
 from lab.data import scan as sc
 from lab.data import tokenizer as tk
 from lab.data.filters import DocFilter
@@ -83,6 +84,8 @@ class Settings:
     progress: bool
     zstd_level: int
     batch_docs: int
+    encoder: str
+    check_chars: int
     normalize_default: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)  # the config written into the manifest
 
@@ -106,6 +109,9 @@ class Settings:
         if vocab_size < 256 + len(tk.SPECIAL_TOKENS):
             raise LabError(f"tokenizer.vocab_size={vocab_size}: a byte-level BPE needs at least "
                            f"{256 + len(tk.SPECIAL_TOKENS)} (256 bytes + special tokens)")
+        encoder = str(prep.pack.get("encoder", "auto"))
+        if encoder not in BACKENDS:
+            raise LabError(f"prepare.pack.encoder={encoder!r}: expected one of {', '.join(BACKENDS)}")
         dedup = _plain(prep.dedup)
         if not 0.0 < float(dedup["threshold"]) < 1.0:
             raise LabError(f"prepare.dedup.threshold={dedup['threshold']}: expected 0 < threshold < 1")
@@ -123,6 +129,7 @@ class Settings:
             batch_bytes=max(1, int(float(prep.batch_mb) * MB)), max_pending=int(prep.max_pending),
             max_doc_bytes=int(float(prep.max_doc_mb) * MB), progress=bool(prep.progress),
             zstd_level=int(prep.zstd_level), batch_docs=int(prep.pack.batch_docs),
+            encoder=encoder, check_chars=int(float(prep.pack.get("check_kb", 64)) * 1024),
             normalize_default=_per_source(prep.normalize, ""), record=record)
 
     @property
@@ -465,7 +472,8 @@ class Pipeline:
         parts_dir = self.s.work_dir / "pack"
         sc.reset_dir(parts_dir, parts_fp)
         config = pk.PackConfig(self.s.prepared_dir / "tokenizer" / "tokenizer.json", parts_dir, dtype,
-                               {name: self.s.normalize[name] for name in self.s.sources}, self.s.batch_docs)
+                               {name: self.s.normalize[name] for name in self.s.sources}, self.s.batch_docs,
+                               self.s.encoder, self.s.check_chars)
         words: dict[str, dict[str, int]] = {name: {split: 0 for split in SPLITS} for name in self.s.sources}
         kept_bytes = 0
         tasks = []
@@ -478,6 +486,7 @@ class Pipeline:
                                      meta["split"].astype(np.uint8).tobytes()))
         totals = {name: {split: {"docs": 0, "text_bytes": 0} for split in SPLITS} for name in self.s.sources}
         parts: dict[str, list[int]] = defaultdict(list)
+        encoder = {"backends": defaultdict(int), "checked_chars": 0, "mismatched_shards": 0}
         # Spawning a worker costs ~1 s of imports: only worth it for a few MB of text each.
         workers = min(self.s.workers, len(tasks), max(1, kept_bytes // (4 * MB)))
         with self._bar("pack", kept_bytes) as bar:
@@ -488,8 +497,17 @@ class Pipeline:
                     totals[part["source"]][split]["text_bytes"] += part[split]["text_bytes"]
                     bar.update(part[split]["text_bytes"])
                 parts[part["source"]].append(part["index"])
+                check = part.get("encoder", {"backend": "tokenizers", "checked_chars": 0, "mismatched_shards": 0})
+                encoder["backends"][check["backend"]] += 1
+                encoder["checked_chars"] += check["checked_chars"]
+                encoder["mismatched_shards"] += check["mismatched_shards"]
                 crash_point("pack.part")
-        result: dict[str, Any] = {"sources": {}}
+        if encoder["mismatched_shards"]:
+            log.warning("pack: fastokens and tokenizers disagreed on %d shard(s); those were encoded by "
+                        "tokenizers (outputs are exact). Please report the tokenizer.json to fastokens.",
+                        encoder["mismatched_shards"])
+        encoder["backends"] = dict(encoder["backends"])
+        result: dict[str, Any] = {"sources": {}, "encoder": encoder}
         for name in self.s.sources:
             result["sources"][name] = {}
             for split in SPLITS:
@@ -546,6 +564,8 @@ class Pipeline:
             "tokenizer_report": {"fertility": fertility, "comparison": report["comparison"],
                                  "sample_bytes": tok["sample_bytes"]},
             "dedup": {k: dedup[k] for k in ("docs", "bands", "rows", "candidate_pairs", "verified_pairs")},
+            # Shards per tokenize backend (lab/data/encode.py) and its check against `tokenizers`.
+            "pack_encoder": packed.get("encoder", {}),
             "steps": {step: self.store.fingerprint_of(step) for step in ("scan", "dedup", "tokenizer", "report", "pack")},
             "config": self.s.record,
         }

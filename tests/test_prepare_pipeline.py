@@ -267,6 +267,38 @@ def test_resume_after_a_crash_between_steps(corpus, reference, tmp_path, monkeyp
     assert bin_hashes(run(cfg)) == reference
 
 
+def test_both_tokenize_backends_give_the_same_bytes(corpus, reference, tmp_path):
+    pytest.importorskip("fastokens")
+    manifest = json.loads((Path(run(compose(tmp_path / "a", *corpus, *SHARDS)[0])) / "manifest.json").read_text())
+    assert set(manifest["pack_encoder"]["backends"]) == {"fastokens"}
+    assert manifest["pack_encoder"]["checked_chars"] > 0 and manifest["pack_encoder"]["mismatched_shards"] == 0
+    slow = Path(run(compose(tmp_path / "b", *corpus, *SHARDS, "prepare.pack.encoder=tokenizers")[0]))
+    assert bin_hashes(slow) == reference
+    assert set(json.loads((slow / "manifest.json").read_text())["pack_encoder"]["backends"]) == {"tokenizers"}
+
+
+def test_a_fast_encoder_that_disagrees_is_not_trusted(corpus, reference, tmp_path, monkeypatch, caplog):
+    pytest.importorskip("fastokens")
+    from lab.data.encode import BatchEncoder
+
+    honest = BatchEncoder.fast_ids
+
+    def off_by_one(self, texts, dtype):
+        ids = honest(self, texts, dtype)
+        if len(ids[0]):
+            ids[0] = ids[0].copy()
+            ids[0][0] = (int(ids[0][0]) + 1) % 300
+        return ids
+
+    monkeypatch.setattr(BatchEncoder, "fast_ids", off_by_one)  # workers=1: the packing runs in this process
+    caplog.set_level(logging.WARNING, logger="lab.prepare")
+    prepared = Path(run(compose(tmp_path, *corpus, *SHARDS)[0]))
+    assert bin_hashes(prepared) == reference  # every shard was redone by tokenizers
+    check = json.loads((prepared / "manifest.json").read_text())["pack_encoder"]
+    assert check["mismatched_shards"] == sum(check["backends"].values()) > 0
+    assert "disagreed" in caplog.text
+
+
 def test_a_source_that_keeps_nothing_is_an_error_that_names_the_field(tmp_path):
     rng = random.Random(2)
     web = tmp_path / "web.jsonl"

@@ -52,6 +52,39 @@ def test_control_characters_and_whitespace():
     assert Normalizer()(raw) == "Unu doi trei\npatru cinci şase\n\nșapte\npaginănouă"
 
 
+def _normalize_every_pass(normalizer: Normalizer, text: str) -> str:
+    """The normalisation with every substitution run unconditionally (what the fast path must equal)."""
+    from lab.data import normalize as nm
+
+    if normalizer.nfc:
+        text = unicodedata.normalize("NFC", text)
+    text = nm._PARAGRAPH_SEP.sub("\n\n", nm._LINE_BREAKS.sub("\n", text))
+    if normalizer.strip_control:
+        text = nm._CONTROL.sub("", text)
+    if normalizer.book_cleanup:
+        text = normalizer.clean_book(text)
+    if normalizer.whitespace:
+        text = nm._SPACES.sub(" ", text)
+        text = nm._MANY_NEWLINES.sub("\n\n", nm._SPACE_AROUND_NEWLINE.sub("\n", text)).strip()
+    return text
+
+
+@pytest.mark.parametrize("options", [{}, {"strip_control": False}, {"whitespace": False},
+                                     {"page_numbers": True, "running_headers": True, "dehyphenate": True,
+                                      "unwrap_lines": True}])
+def test_normalisation_skips_only_passes_that_change_nothing(options):
+    import random
+
+    normalizer = Normalizer(**options)
+    rng = random.Random(7)
+    alphabet = ["a", "ș", "Ş", "x y", " ", "  ", "\n", "\n\n\n", " \n", "\n ", "\t", "\r\n", "\r", "\x0c", "\x85",
+                "\u2028", "\u2029", "\x07", "\u00ad", "\u200b", "\ufeff", "\u00a0", "\u3000", "12", "-", ".",
+                "s\u0327", "Pagina 3", "TITLU"]
+    for _ in range(400):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        assert normalizer(text) == _normalize_every_pass(normalizer, text), repr(text)
+
+
 def test_book_cleanup_page_numbers_headers_hyphenation_and_wraps():
     width_line = "Aceasta este o linie lungă de proză tipărită, tăiată la lățimea paginii"
     body = "\n".join([width_line] * 24)
@@ -331,3 +364,63 @@ def test_long_documents_are_encoded_in_pieces_with_identical_tokens():
         assert "".join(parts) == text
         whole = tokenizer.encode(text, add_special_tokens=False).ids
         assert [i for p in parts for i in tokenizer.encode(p, add_special_tokens=False).ids] == whole
+
+
+EDGE_TEXTS = ["", " ", "\n\n\n", "a<|endoftext|>b", "<|pad|>", " <|endoftext|> ", "emoji 😀👍🏽, 中文, ελληνικά, مرحبا",
+              "x" * 5000, " " * 700 + "x", "1234567890" * 40, "don't I'll we've 's", "\t\t\r\n x", "ș" * 999,
+              "http://exemplu.ro/a?b=c&d=e", "\U0010ffff\u2028\u2029\x85", "Știința și țara. " * 30]
+
+
+def _encoder_tokenizer(tmp_path: Path) -> Path:
+    tokenizer = train_bpe(iter([fold_cedilla(PROSE)] * 5 + EDGE_TEXTS), 400)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    return tmp_path / "tokenizer.json"
+
+
+def test_fast_encoder_gives_the_ids_of_tokenizers(tmp_path):
+    pytest.importorskip("fastokens")
+    from lab.data.encode import BatchEncoder
+
+    encoder = BatchEncoder(_encoder_tokenizer(tmp_path), "auto", check_chars=1 << 20)
+    assert encoder.backend == "fastokens"
+    texts = [fold_cedilla(PROSE)] * 3 + EDGE_TEXTS
+    for dtype in ("uint16", "uint32"):
+        fast = encoder.encode(texts, dtype, budget=[1 << 20])  # checked against tokenizers inside too
+        reference = encoder.reference_ids(texts, dtype)
+        assert all(f.dtype == dtype and np.array_equal(f, r) for f, r in zip(fast, reference, strict=True))
+    assert encoder.reference_ids(["a<|endoftext|>b"], "uint32")[0].tolist().count(0) == 1  # the special token
+
+
+def test_encoder_choice_and_errors(tmp_path, monkeypatch):
+    from lab.data import encode
+
+    path = _encoder_tokenizer(tmp_path)
+    plain = encode.BatchEncoder(path, "tokenizers")
+    assert plain.backend == "tokenizers" and plain.fast is None
+    assert plain.encode(["Știința"], "uint16", budget=[100])[0].tolist() == plain.reference_ids(["Știința"], "uint16")[0].tolist()
+    with pytest.raises(LabError, match="expected one of"):
+        encode.BatchEncoder(path, "tiktoken")
+    monkeypatch.setattr(encode, "_fastokens_module", lambda: None)
+    assert encode.BatchEncoder(path, "auto").backend == "tokenizers"  # falls back where no wheel exists
+    with pytest.raises(LabError, match="fastokens is not installed"):
+        encode.BatchEncoder(path, "fastokens")
+
+
+def test_encoder_check_covers_the_head_of_a_long_text(tmp_path, monkeypatch):
+    pytest.importorskip("fastokens")
+    from lab.data.encode import BatchEncoder, Mismatch
+
+    encoder = BatchEncoder(_encoder_tokenizer(tmp_path), "fastokens")
+    long_text = " ".join([fold_cedilla(PROSE)] * 40)  # ~20k characters, more than the budget
+    budget = [8192]
+    encoder.encode(["scurt", long_text], "uint16", budget)
+    assert budget[0] <= 0  # the whole short text and a head of the long one were compared
+    honest = BatchEncoder.fast_ids
+
+    def wrong_on_long_texts(self, texts, dtype):
+        return [ids[::-1] if len(text) > 1000 else ids for text, ids in zip(texts, honest(self, texts, dtype))]
+
+    monkeypatch.setattr(BatchEncoder, "fast_ids", wrong_on_long_texts)
+    with pytest.raises(Mismatch):
+        encoder.encode(["scurt", long_text], "uint16", [8192])
+    encoder.encode(["scurt", long_text], "uint16", [0])  # no budget left: not compared, no error

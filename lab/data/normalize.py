@@ -29,6 +29,11 @@ _OTHER_SPACE = "\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
 _SPACES = re.compile(f"(?=[ {_OTHER_SPACE}])(?:[ {_OTHER_SPACE}]{{2,}}|[{_OTHER_SPACE}])")  # lookahead: fast scan
 _SPACE_AROUND_NEWLINE = re.compile(" \n ?|\n ")
 _MANY_NEWLINES = re.compile("\n{3,}")
+# Any character the line-break, control or space rules rewrite. Most documents have none, and one
+# character-class search (plus `in` tests for "  ", " \n", "\n " and "\n\n\n") lets them skip the
+# regex substitutions, which cost a full pass each even when they replace nothing.
+_SPECIAL = re.compile("[\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029\x00-\x08\x0e-\x1f\x7f-\x9f\u00ad\u200b\u2060\ufeff"
+                      f"{_OTHER_SPACE}]")
 
 # Books: a line that is only a page number ("12", "- 12 -", "Pagina 12", "pag. 12").
 _PAGE_NUMBER = re.compile(r"^[-–—]?\s*(?:(?:pagina|pag\.?|p\.)\s*)?\d{1,4}\s*[-–—]?$", re.IGNORECASE)
@@ -88,16 +93,22 @@ class Normalizer:
         """Normalised text, except for the cedilla fold (see `fold`)."""
         if self.nfc and not unicodedata.is_normalized("NFC", text):
             text = unicodedata.normalize("NFC", text)
-        text = _LINE_BREAKS.sub("\n", text)
-        text = _PARAGRAPH_SEP.sub("\n\n", text)
-        if self.strip_control:
-            text = _CONTROL.sub("", text)
+        # The substitutions below run only where they can change something (same result, faster).
+        special = _SPECIAL.search(text) is not None
+        if special:
+            text = _LINE_BREAKS.sub("\n", text)
+            text = _PARAGRAPH_SEP.sub("\n\n", text)
+            if self.strip_control:
+                text = _CONTROL.sub("", text)
         if self.book_cleanup:
             text = self.clean_book(text)
         if self.whitespace:
-            text = _SPACES.sub(" ", text)
-            text = _SPACE_AROUND_NEWLINE.sub("\n", text)
-            text = _MANY_NEWLINES.sub("\n\n", text)
+            if special or "  " in text:
+                text = _SPACES.sub(" ", text)
+            if " \n" in text or "\n " in text:
+                text = _SPACE_AROUND_NEWLINE.sub("\n", text)
+            if "\n\n\n" in text:
+                text = _MANY_NEWLINES.sub("\n\n", text)
             text = text.strip()
         return text
 

@@ -1,7 +1,7 @@
 """Tokenize the kept documents and pack them into fixed blocks of seq_len tokens.
 
-Workers tokenize one scan shard each (batch encoding, one thread per process) and write its token
-stream per split: every document followed by the end-of-text token. The main process then
+Workers tokenize one scan shard each (batch encoding, one thread per process; see lab/data/encode.py
+for the backend and its check against `tokenizers`) and write its token stream per split: every document followed by the end-of-text token. The main process then
 concatenates the parts in shard order into `<source>/<split>.bin`, cut to a whole number of blocks
 (no padding; the leftover tail is counted, not written). Parts are written atomically with their
 counts last, so a killed packing run resumes at shard granularity.
@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from lab.data.dedup import KEEP
+from lab.data.encode import BatchEncoder, Mismatch, pieces
 from lab.data.normalize import Normalizer
 from lab.data.scan import read_docs
 from lab.data.split import SPLITS
@@ -42,13 +41,13 @@ class PackConfig:
     dtype: str
     normalize: dict[str, dict[str, Any]]  # per source, for the late cedilla fold
     batch_docs: int = 256
+    encoder: str = "auto"  # lab/data/encode.py BACKENDS
+    check_chars: int = 65536  # per shard, also encoded by `tokenizers` and compared (fast backend only)
 
 
-# Memory bounds of one encode_batch call: a long document is encoded in pieces of PIECE_CHARS, and
+# Memory bounds of one encode call: a long document is encoded in pieces of encode.PIECE_CHARS, and
 # a batch is flushed at BATCH_CHARS characters (or `batch_docs` documents).
-PIECE_CHARS = 1 << 18
 BATCH_CHARS = 1 << 21
-_SPACE_AFTER_WORD = re.compile(r"\S\s")
 
 
 def part_prefix(parts_dir: Path, source: str, index: int) -> Path:
@@ -59,44 +58,11 @@ _worker: dict[str, Any] = {}
 
 
 def init_worker(config: PackConfig) -> None:
-    tokenizer = Tokenizer.from_file(str(config.tokenizer_file))
     # The text is already normalised the way the tokenizer's normalizer would (NFC in the scan, the
-    # fold below); skipping it saves its per-character alignment bookkeeping.
-    tokenizer.normalizer = None
-    _worker.update(config=config, tokenizer=tokenizer, eos=tokenizer.token_to_id("<|endoftext|>"),
+    # fold below), so the encoder runs without it (and without its alignment bookkeeping).
+    encoder = BatchEncoder(config.tokenizer_file, config.encoder, config.check_chars)
+    _worker.update(config=config, encoder=encoder, eos=encoder.reference.token_to_id("<|endoftext|>"),
                    normalizers={s: Normalizer.from_cfg(n) for s, n in config.normalize.items()})
-
-
-def pieces(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
-    """`text` cut into pieces of at most ~max_chars whose tokens, concatenated, equal the text's.
-
-    A cut falls just before a whitespace character that follows a non-space one: the byte-level
-    pre-tokenizer always has a boundary there (a word never absorbs the whitespace after it), so
-    encoding the pieces separately gives the same tokens. This bounds the memory of encoding a
-    long book (`tokenizers` keeps ~100 bytes per token of bookkeeping until the batch returns).
-    """
-    out = []
-    while len(text) > max_chars:
-        cut = _cut_point(text, max_chars)
-        out.append(text[:cut])
-        text = text[cut:]
-    if text or not out:
-        out.append(text)
-    return out
-
-
-def _cut_point(text: str, max_chars: int) -> int:
-    """The last cut position in (max_chars/2, max_chars]; else the first later one; else the end."""
-    lo, hi = max_chars // 2, max_chars
-    while hi > lo:  # rfind is a C loop: no Python work per word of a long book
-        cut = max(text.rfind(" ", lo, hi + 1), text.rfind("\n", lo, hi + 1))
-        if cut <= lo:
-            break
-        if not text[cut - 1].isspace():
-            return cut
-        hi = cut - 1
-    match = _SPACE_AFTER_WORD.search(text, max_chars)
-    return match.start() + 1 if match else len(text)
 
 
 def pack_shard(task: PackTask) -> dict[str, Any]:
@@ -105,8 +71,28 @@ def pack_shard(task: PackTask) -> dict[str, Any]:
     stats_path = Path(f"{prefix}.stats.json")
     if stats_path.is_file():
         return json.loads(stats_path.read_text())
-    tokenizer: Tokenizer = _worker["tokenizer"]
-    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # fast: no offsets
+    encoder: BatchEncoder = _worker["encoder"]
+    budget = [config.check_chars]
+    try:
+        tokens, counts = _encode_shard(task, lambda texts: encoder.encode(texts, config.dtype, budget))
+        check = {"backend": encoder.backend, "checked_chars": config.check_chars - budget[0], "mismatched_shards": 0}
+    except Mismatch:  # never trust a fast path that disagreed: this shard is redone by the reference
+        tokens, counts = _encode_shard(task, lambda texts: encoder.reference_ids(texts, config.dtype))
+        check = {"backend": "tokenizers", "checked_chars": 0, "mismatched_shards": 1}
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    for split, split_tokens in tokens.items():
+        counts[split]["tokens"] = int(len(split_tokens))
+        with atomic_path(Path(f"{prefix}.{split}.bin")) as tmp:
+            split_tokens.tofile(tmp)
+    result = {"source": task.source, "index": task.index, **counts, "encoder": check}
+    write_json_atomic(stats_path, result)
+    return result
+
+
+def _encode_shard(task: PackTask, encode: Callable[[list[str]], list[np.ndarray]]
+                  ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, int]]]:
+    """The shard's kept documents as one token stream per split (EOS after each document), and counts."""
+    config: PackConfig = _worker["config"]
     normalizer: Normalizer = _worker["normalizers"][task.source]
     status = np.frombuffer(task.status, dtype=np.uint8)
     splits = np.frombuffer(task.splits, dtype=np.uint8)
@@ -121,8 +107,8 @@ def pack_shard(task: PackTask) -> dict[str, Any]:
     def flush(split: int) -> None:
         if not batch[split]:
             return
-        for encoding, last in zip(encode(batch[split], add_special_tokens=False), ends[split]):
-            chunks[split].append(np.asarray(encoding.ids, dtype=config.dtype))
+        for ids, last in zip(encode(batch[split]), ends[split]):
+            chunks[split].append(ids)
             if last:
                 chunks[split].append(eos)
         batch[split], ends[split], batch_chars[split] = [], [], 0
@@ -140,16 +126,12 @@ def pack_shard(task: PackTask) -> dict[str, Any]:
         batch_chars[split] += len(text)
         if len(batch[split]) >= config.batch_docs or batch_chars[split] >= BATCH_CHARS:
             flush(split)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tokens = {}
     for split in (0, 1):
         flush(split)
-        tokens = np.concatenate(chunks[split]) if chunks[split] else np.empty(0, dtype=config.dtype)
-        counts[SPLITS[split]]["tokens"] = int(len(tokens))
-        with atomic_path(Path(f"{prefix}.{SPLITS[split]}.bin")) as tmp:
-            tokens.tofile(tmp)
-    result = {"source": task.source, "index": task.index, **counts}
-    write_json_atomic(stats_path, result)
-    return result
+        tokens[SPLITS[split]] = (np.concatenate(chunks[split]) if chunks[split]
+                                 else np.empty(0, dtype=config.dtype))
+    return tokens, counts
 
 
 def concat_parts(parts: list[Path], out: Path, dtype: str, seq_len: int, chunk: int = 1 << 24) -> dict[str, Any]:
