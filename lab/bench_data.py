@@ -1,6 +1,6 @@
 """Benchmark of the data pipeline: MB/s per step, end-to-end MB/s per core, peak memory, flat memory.
 
-    python -m lab.bench_data --corpus /work/shared/corpus/ro [--replicate 3] [--workers N]
+    python -m lab.bench_data --corpus /work/shared/corpus/ro [--replicate 10] [--workers N]
 
 Runs `python -m lab.prepare` on the corpus (web.jsonl + books/) into a temporary folder, sampling the
 resident memory of the whole process tree (main process + workers), and reads the per-step
@@ -110,7 +110,7 @@ def replicate_corpus(corpus: Path, target: Path, copies: int) -> tuple[Path, Pat
                     doc = json.loads(line)
                     doc["id"] = f"{doc.get('id')}#{copy}"
                     sink.write(json.dumps(doc, ensure_ascii=False).encode() + b"\n")
-                except (json.JSONDecodeError, AttributeError, TypeError):
+                except (ValueError, AttributeError, TypeError, RecursionError):  # bad input stays bad input
                     sink.write(line)
     books = target / "books"
     for copy in range(copies):
@@ -209,7 +209,7 @@ def target_lines(result: dict[str, Any], total_bytes: int) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, required=True, help="folder with web.jsonl and books/")
-    parser.add_argument("--replicate", type=int, default=3, help="copies of the corpus for the flat-memory check")
+    parser.add_argument("--replicate", type=int, default=10, help="copies of the corpus for the flat-memory check")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: every core)")
     parser.add_argument("--vocab", type=int, default=40_000)
     parser.add_argument("--batch-mb", type=float, default=4, help="scan shard size (small corpora need small "
