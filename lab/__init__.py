@@ -46,5 +46,14 @@ def run_or_exit(job: Callable[[Any], Any], cfg: Any, log: logging.Logger) -> Any
     try:
         return job(cfg)
     except LabError as err:
-        log.error("%s", err)
+        log_to_files(log, logging.ERROR, str(err))
         sys.exit(f"error: {err}")
+
+
+def log_to_files(log: logging.Logger, level: int, message: str) -> None:
+    """Record `message` in the run's log files only (Hydra's job log): the console gets it once,
+    from the exit message, instead of twice."""
+    record = log.makeRecord(log.name, level, "(lab)", 0, message, None, None)
+    for handler in logging.getLogger().handlers + log.handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)

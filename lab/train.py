@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from lab import TRUSTED_TARGETS, LabError
+from lab import TRUSTED_TARGETS, LabError, log_to_files
 from lab.callbacks import Energy, StageEnd, StepLog, Throughput, export_hf
 from lab.datamodule import CurriculumDataModule
 from lab.module import CausalLMModule
@@ -146,6 +146,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if manifest.vocab_size > cfg.tokenizer.vocab_size:
         raise LabError(f"the prepared tokenizer has {manifest.vocab_size} tokens, more than tokenizer.vocab_size="
                        f"{cfg.tokenizer.vocab_size} that sizes the embedding")
+    if manifest.vocab_size < 0.95 * cfg.tokenizer.vocab_size:
+        # A corpus too small for the configured vocabulary: BPE stops early. The embedding keeps
+        # tokenizer.vocab_size rows, so parameter counts stay those of the spec across archs.
+        log.warning("the prepared tokenizer has %d tokens, fewer than tokenizer.vocab_size=%d (the corpus ran out "
+                    "of merges); the embedding keeps %d rows, %d of them never used", manifest.vocab_size,
+                    cfg.tokenizer.vocab_size, cfg.tokenizer.vocab_size, cfg.tokenizer.vocab_size - manifest.vocab_size)
 
     precision = resolve_precision(cfg.trainer.precision)
     ckpt_path = resolve_ckpt_path(cfg)
@@ -303,9 +309,10 @@ def main(cfg: DictConfig) -> float:
     try:
         result = train(cfg)
     except LabError as err:
-        log.error("%s", err)
         if HydraConfig.get().mode.name == "MULTIRUN":
+            log.error("%s", err)
             raise  # let the sweep record the failure
+        log_to_files(log, logging.ERROR, str(err))
         sys.exit(f"error: {err}")
     value = objective_value(result, cfg.objective)
     log.info("%s = %.4f (MLflow run %s)", cfg.objective, value, result["run_id"])

@@ -381,7 +381,7 @@ def test_fast_encoder_gives_the_ids_of_tokenizers(tmp_path):
     pytest.importorskip("fastokens")
     from lab.data.encode import BatchEncoder
 
-    encoder = BatchEncoder(_encoder_tokenizer(tmp_path), "auto", check_chars=1 << 20)
+    encoder = BatchEncoder(_encoder_tokenizer(tmp_path), "auto")
     assert encoder.backend == "fastokens"
     texts = [fold_cedilla(PROSE)] * 3 + EDGE_TEXTS
     for dtype in ("uint16", "uint32"):
@@ -403,6 +403,17 @@ def test_encoder_choice_and_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(encode, "_fastokens_module", lambda: None)
     assert encode.BatchEncoder(path, "auto").backend == "tokenizers"  # falls back where no wheel exists
     with pytest.raises(LabError, match="fastokens is not installed"):
+        encode.BatchEncoder(path, "fastokens")
+
+    class Refuses:  # a fastokens that cannot express this tokenizer.json
+        class Tokenizer:
+            @staticmethod
+            def from_json_str(text):
+                raise ValueError("unsupported model")
+
+    monkeypatch.setattr(encode, "_fastokens_module", lambda: Refuses)
+    assert encode.BatchEncoder(path, "auto").backend == "tokenizers"
+    with pytest.raises(LabError, match="cannot load"):
         encode.BatchEncoder(path, "fastokens")
 
 

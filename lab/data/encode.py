@@ -37,7 +37,7 @@ def _fastokens_module():
 class BatchEncoder:
     """Encodes lists of texts (no special tokens added) to one id array per text."""
 
-    def __init__(self, tokenizer_file: Path, backend: str = "auto", check_chars: int = 0):
+    def __init__(self, tokenizer_file: Path, backend: str = "auto"):
         if backend not in BACKENDS:
             raise LabError(f"prepare.pack.encoder={backend!r}: expected one of {', '.join(BACKENDS)}")
         spec = json.loads(Path(tokenizer_file).read_text(encoding="utf-8"))
@@ -51,9 +51,12 @@ class BatchEncoder:
                 raise LabError("prepare.pack.encoder=fastokens but fastokens is not installed "
                                "(pip install fastokens; or use encoder=auto)")
             if module is not None:
-                self.fast = module.Tokenizer.from_json_str(spec_text)
+                try:
+                    self.fast = module.Tokenizer.from_json_str(spec_text)
+                except Exception as err:  # a tokenizer.json it cannot express: auto falls back
+                    if backend == "fastokens":
+                        raise LabError(f"fastokens cannot load {tokenizer_file}: {err}") from err
         self.backend = "fastokens" if self.fast is not None else "tokenizers"
-        self.check_chars = max(0, int(check_chars))
 
     def reference_ids(self, texts: list[str], dtype: str) -> list[np.ndarray]:
         return [np.asarray(e.ids, dtype=dtype)

@@ -60,7 +60,7 @@ _worker: dict[str, Any] = {}
 def init_worker(config: PackConfig) -> None:
     # The text is already normalised the way the tokenizer's normalizer would (NFC in the scan, the
     # fold below), so the encoder runs without it (and without its alignment bookkeeping).
-    encoder = BatchEncoder(config.tokenizer_file, config.encoder, config.check_chars)
+    encoder = BatchEncoder(config.tokenizer_file, config.encoder)
     _worker.update(config=config, encoder=encoder, eos=encoder.reference.token_to_id("<|endoftext|>"),
                    normalizers={s: Normalizer.from_cfg(n) for s, n in config.normalize.items()})
 
