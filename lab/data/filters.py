@@ -13,7 +13,6 @@ import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Callable
 
 import numpy as np
@@ -46,39 +45,54 @@ _NGRAM_MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F
 MAX_NGRAM = len(_NGRAM_MIX)
 
 
+class _once:
+    """functools.cached_property without its per-access lock (Python 3.11 takes one on every first
+    access: ~3% of the web scan). After the first access the instance attribute shadows it."""
+
+    def __init__(self, compute: Callable[[Any], Any]):
+        self.compute, self.name = compute, compute.__name__
+        self.__doc__ = compute.__doc__
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.compute(obj)
+        return value
+
+
 class DocStats:
     """Everything the rules measure about one (normalised, folded) document, computed lazily once."""
 
     def __init__(self, text: str):
         self.text = text
 
-    @cached_property
+    @_once
     def lower_text(self) -> str:
         return self.text.lower()
 
-    @cached_property
+    @_once
     def words(self) -> list[str]:
         """The document's words, lowercased (every rule and the MinHash shingles use them so)."""
         return WORD.findall(self.lower_text)
 
-    @cached_property
+    @_once
     def word_lengths(self) -> np.ndarray:
         return np.fromiter(map(len, self.words), dtype=np.int64, count=len(self.words))
 
-    @cached_property
+    @_once
     def word_chars(self) -> int:
         """Characters in words (= word_lengths.sum(), without a numpy call per document)."""
         return sum(map(len, self.words))
 
-    @cached_property
+    @_once
     def non_space_chars(self) -> int:
         return len(self.text) - self.text.count(" ") - self.text.count("\n") - self.text.count("\t")
 
-    @cached_property
+    @_once
     def lines(self) -> list[str]:
         return [line for line in (raw.strip() for raw in self.text.split("\n")) if line]
 
-    @cached_property
+    @_once
     def word_hashes(self) -> np.ndarray:
         """A stable 32-bit hash (crc32 of the UTF-8) per word, as uint64 for the n-gram arithmetic."""
         hashes = map(zlib.crc32, map(str.encode, self.words))  # C-level loops: no Python frame per word
