@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import resource
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -34,9 +35,9 @@ from lab import LabError, run_or_exit
 from lab.data import dedup as dd
 from lab.data import manifest as mf
 from lab.data import pack as pk
-from lab.data.encode import BACKENDS
 from lab.data import scan as sc
 from lab.data import tokenizer as tk
+from lab.data.encode import BACKENDS
 from lab.data.filters import DocFilter
 from lab.data.io import SourceSpec
 from lab.data.normalize import Normalizer
@@ -148,6 +149,45 @@ def _clock() -> tuple[float, float]:
     return time.perf_counter(), own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def _size(nbytes: float) -> str:
+    return f"{nbytes / (1 << 30):.2f} GB" if nbytes >= 1 << 30 else f"{nbytes / MB:.1f} MB"
+
+
+class LogProgress:
+    """tqdm's `update` interface, reporting to the log every `every` seconds instead of drawing a bar."""
+
+    def __init__(self, desc: str, total: float | None, unit: str = "B", every: float = 60.0):
+        self.desc, self.total, self.unit, self.every = desc, total, unit, every
+        self.n = 0.0
+        self.start = self.last = time.monotonic()
+
+    def __enter__(self) -> "LogProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            log.info("%s", self.line(now))
+
+    def line(self, now: float) -> str:
+        elapsed = max(now - self.start, 1e-9)
+        if self.unit != "B":
+            done = f"{self.n:,.0f}" + (f" of {self.total:,.0f}" if self.total else "") + f" {self.unit}s"
+            return f"{self.desc}: {done}, {elapsed / 60:.1f} min so far"
+        text = f"{self.desc}: {_size(self.n)}"
+        if self.total:
+            text += f" of {_size(self.total)} ({100 * self.n / self.total:.0f}%)"
+        text += f", {self.n / MB / elapsed:.1f} MB/s"
+        if self.total and self.n:
+            text += f", about {(self.total - self.n) / (self.n / elapsed) / 60:.0f} min left"
+        return text
+
+
 class Pipeline:
     """The steps of one `lab.prepare` run over one prepared folder."""
 
@@ -159,15 +199,24 @@ class Pipeline:
 
     # --- helpers ------------------------------------------------------------------------------------
 
-    def _bar(self, desc: str, total: float | None, unit: str = "B") -> tqdm:
+    def _bar(self, desc: str, total: float | None, unit: str = "B") -> Any:
+        """A tqdm bar on a terminal; elsewhere (nohup, a job log) a progress line in the log each minute."""
+        if self.s.progress and not sys.stderr.isatty():
+            return LogProgress(desc, total, unit)
         return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1000, mininterval=0.5,
                     dynamic_ncols=True, disable=None if self.s.progress else True, leave=False)
 
     def _time(self, step: str, start: tuple[float, float], nbytes: int, reused: bool, workers: int = 1) -> None:
         """Record a step's wall and CPU seconds (this process + its reaped workers) for lab.bench_data."""
         wall, cpu = _clock()
-        self.timings[step] = {"seconds": round(wall - start[0], 3), "cpu_seconds": round(cpu - start[1], 3),
+        seconds, cpu_seconds = wall - start[0], cpu - start[1]
+        self.timings[step] = {"seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3),
                               "bytes": int(nbytes), "workers": workers, "reused": reused}
+        if not reused:
+            rates = (f" ({nbytes / MB / max(seconds, 1e-9):.1f} MB/s, {nbytes / MB / max(cpu_seconds, 1e-9):.2f} MB/s "
+                     f"per core)" if nbytes else "")
+            log.info("%s: %s in %.1f s, %d process%s%s", step, _size(nbytes) if nbytes else "done", seconds, workers,
+                     "" if workers == 1 else "es", rates)
 
     def _reuse(self, step: str, fp: str, outputs_ok) -> dict[str, Any] | None:
         done = self.store.load(step, fp)

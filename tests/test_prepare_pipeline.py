@@ -318,3 +318,17 @@ def test_prepared_data_of_another_corpus_is_not_replaced_silently(sample, tmp_pa
     cfg, _ = compose(tmp_path, web, SAMPLE_DIR / "books", f"data.prepared_dir={sample}")
     with pytest.raises(LabError, match="other files.*prepare.overwrite=true"):
         run(cfg)
+
+
+def test_progress_goes_to_the_log_where_no_terminal_shows_bars(caplog):
+    from lab.prepare import LogProgress
+
+    caplog.set_level(logging.INFO, logger="lab.prepare")
+    with LogProgress("scan", 4 * 2**20, every=0) as bar:
+        bar.update(2**20)
+    assert "scan: 1.0 MB of 4.0 MB (25%)" in caplog.text and "MB/s" in caplog.text and "min left" in caplog.text
+    LogProgress("dedup", 16, unit="band", every=0).update(3)
+    assert "dedup: 3 of 16 bands" in caplog.text
+    caplog.clear()
+    LogProgress("pack", 100, every=3600).update(50)  # not a minute yet: quiet
+    assert caplog.text == ""
