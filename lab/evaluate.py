@@ -179,6 +179,9 @@ def block_nll(model: nn.Module, blocks: torch.Tensor) -> tuple[float, int]:
     return nll.item(), blocks.shape[0] * (blocks.shape[1] - 1)
 
 
+_WARNED_NO_VAL: set[tuple[Path, str]] = set()
+
+
 def heldout_perplexity(model: nn.Module, prepared_dir: Path, sources: Sequence[str] | None, max_blocks: int | None,
                        batch_size: int) -> dict[str, dict[str, float]]:
     """{source: {loss, ppl, bpb, tokens}} on the val split of each source (the trainer's blocks)."""
@@ -195,7 +198,9 @@ def heldout_perplexity(model: nn.Module, prepared_dir: Path, sources: Sequence[s
     for source in sources or manifest.sources:
         blocks = manifest.blocks(source, "val")
         if len(blocks) == 0:
-            log.warning("source %s has no complete val block; skipped", source)
+            if (prepared_dir, source) not in _WARNED_NO_VAL:  # once, not once per variant
+                _WARNED_NO_VAL.add((prepared_dir, source))
+                log.warning("source %s has no complete val block; skipped", source)
             continue
         indices = evenly_spaced(len(blocks), max_blocks)
         nll, count = 0.0, 0
@@ -394,6 +399,17 @@ def _metric_name(stem: str) -> str:
     return re.sub(r"[^\w.\-]", "_", stem)
 
 
+def metric_names(paths: Sequence[str], what: str) -> list[str]:
+    """One metric name per file: its stem, or its whole name where two stems coincide
+    (flores.ron / flores.eng); two files of the same name are an error, not a silent overwrite."""
+    stems = [Path(p).stem for p in paths]
+    names = [_metric_name(Path(p).name if stems.count(stem) > 1 else stem) for p, stem in zip(paths, stems)]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise LabError(f"{what}: several files would be reported as {clashes}; give them distinct file names")
+    return names
+
+
 def evaluate_entry(entry: Entry, cfg: Mapping[str, Any], device: torch.device, tokenizer: Any,
                    prepared_dir: Path | None, max_blocks: int | None = None) -> Report:
     from lab.models import count_params
@@ -434,14 +450,13 @@ def evaluate_entry(entry: Entry, cfg: Mapping[str, Any], device: torch.device, t
     if texts:
         max_length = int(cfg.get("text_max_length") or window)
         stride = int(cfg.get("stride") or max(1, max_length // 2))
-        for text in texts:
+        for text, name in zip(texts, metric_names(texts, "texts")):
             values = text_perplexity(model, tokenizer, Path(text), max_length, stride)
-            report.metrics.update({f"text/{_metric_name(Path(text).stem)}/{k}": v
-                                   for k, v in values.items() if k != "tokens"})
-    for task in list(cfg.get("tasks") or []):
+            report.metrics.update({f"text/{name}/{k}": v for k, v in values.items() if k != "tokens"})
+    tasks = list(cfg.get("tasks") or [])
+    for task, name in zip(tasks, metric_names(tasks, "tasks")):
         from lab.tasks import load_task, score_task
 
-        name = _metric_name(Path(task).stem)
         result = score_task(model, tokenizer, load_task(task), name, max_length=window,
                             batch_size=int(cfg.get("batch_size", 8)))
         report.metrics.update({f"task/{name}/{k}": v for k, v in result.metrics().items()})
@@ -628,6 +643,8 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> list[Report]:
     """Evaluate the model and its variants; prints the table, writes eval.json, logs to MLflow."""
     quiet_transformers()
     source = resolve_source(cfg.get("model_path"))
+    for what in ("texts", "tasks"):  # a name clash is an error before any model is loaded
+        metric_names(list(cfg.get(what) or []), what)
     device = resolve_device(cfg.get("device"))
     dtype = resolve_dtype(cfg.get("dtype"), device)
     threads = set_threads(cfg.get("threads"))

@@ -185,10 +185,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=checkpoints, filename="step{step:07d}", auto_insert_metric_name=False,
                         every_n_train_steps=checkpoint_cfg.every_n_steps, save_top_k=checkpoint_cfg.keep_last,
-                        monitor="step", mode="max", save_last=True),
-        # stage ends are epoch ends: one checkpoint per stage, kept
+                        monitor="step", mode="max", save_last=True, enable_version_counter=False),
+        # stage ends are epoch ends: one checkpoint per stage, kept. It refreshes last.ckpt too, so
+        # last.ckpt is the final state even when the run does not end on a multiple of every_n_steps
+        # (both callbacks write the same last.ckpt: no version counter, or the second writes last-v1).
         ModelCheckpoint(dirpath=checkpoints, filename="stage{epoch}", auto_insert_metric_name=False,
-                        save_on_train_epoch_end=True, every_n_epochs=1, save_top_k=-1),
+                        save_on_train_epoch_end=True, every_n_epochs=1, save_top_k=-1, save_last=True,
+                        enable_version_counter=False),
         StepLog(run_dir / "steps.jsonl"),
     ]
     if cfg.callbacks.get("optuna_pruning"):  # selected by conf/sweep/lr.yaml: stop hopeless trials early

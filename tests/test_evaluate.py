@@ -316,3 +316,13 @@ def test_evaluate_on_cuda_with_compile(tiny_runs, tmp_path):
     for report in reports:
         assert report.params["compile"] == "True" and report.metrics["peak_vram_mb"] > 0
         assert report.metrics["decode_tok_s_bs1"] > 0
+
+
+def test_texts_with_the_same_stem_get_distinct_metric_names():
+    from lab.evaluate import metric_names
+
+    assert metric_names(["eval/flores.ron", "eval/flores.eng", "eval/xquad ro.txt"], "texts") == [
+        "flores.ron", "flores.eng", "xquad_ro"]
+    with pytest.raises(LabError, match="distinct file names"):
+        metric_names(["a/x.txt", "b/x.txt"], "texts")
+    assert metric_names([], "tasks") == []

@@ -169,6 +169,9 @@ def test_kill_and_resume_gives_the_same_losses(prepared_sample, tmp_path):
 
     straight = launch(tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
+    # 20 steps, a step checkpoint every 3: last.ckpt is still the final state (lab.quantize/evaluate read it)
+    final = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert final["global_step"] == 20
     killed = launch(tmp_path / "killed", kill_at=7)  # web stage has 12 steps: killed mid-stage after step 7
     assert killed.returncode == -9
     assert (tmp_path / "killed" / "checkpoints" / "last.ckpt").is_file()
