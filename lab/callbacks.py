@@ -66,6 +66,35 @@ class Throughput(L.Callback):
         self._last = None  # validation time is not step time
 
 
+class TrainClock(L.Callback):
+    """`time/train_s`: seconds inside this run's fit loops (validation included), summed over resumes
+    through the checkpoints. lab.compare reports it as the wall time; MLflow's start/end would also
+    count the hours between a kill and its resume."""
+
+    def __init__(self) -> None:
+        self.before = 0.0  # seconds of earlier attempts, restored from the checkpoint
+        self._start: float | None = None
+
+    def elapsed(self) -> float:
+        return self.before + (time.monotonic() - self._start if self._start is not None else 0.0)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.monotonic()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        pl_module.log("time/train_s", self.elapsed(), on_step=True, on_epoch=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for logger in trainer.loggers:  # the last value, not the last logging interval's
+            logger.log_metrics({"time/train_s": self.elapsed()}, step=trainer.global_step)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"train_s": self.elapsed()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = float(state_dict.get("train_s", 0.0))
+
+
 class StageEnd(L.Callback):
     """At the end of each curriculum stage (= Lightning epoch): HF export of the weights and a tag."""
 

@@ -240,8 +240,9 @@ def collect(client: MlflowClient, selection: Selection) -> tuple[list[RunData], 
             points = [v for _, v in item.history.get(key, []) if math.isfinite(v)]
             values[name] = statistics.median(points) if points else None
         values["peak_memory_gb"] = metrics.get("memory/peak_gb")
+        # time inside the fit loops, summed over resumes; runs logged before it existed: MLflow start/end
         start, end = run.info.start_time, run.info.end_time
-        values["wall_time_s"] = (end - start) / 1000 if start and end else None
+        values["wall_time_s"] = metrics.get("time/train_s", (end - start) / 1000 if start and end else None)
         values["kwh"] = metrics.get("energy/kwh")
         values["trial"] = _number(run.data.tags.get("optuna_trial"))
         values["pruned_at_step"] = _number(run.data.tags.get(PRUNED_TAG))
@@ -676,7 +677,7 @@ def _readme(experiment: str, name: str, uri: str, tags: Mapping[str, str], by: s
              f"- rows: one per {by}" + (" (newest run per arch and seed)" if latest else "")
              + "; cells are mean ± sample std over the runs when they differ",
              "- values: final validation metrics (or at early stop), median throughput/MFU over logging windows,"
-             " wall time from MLflow start/end", "", "## Table", "", markdown, ""]
+             " wall time inside the training loops summed over resumes (`time/train_s`)", "", "## Table", "", markdown, ""]
     for row in rows:
         if row.mixed:
             lines += [f"**Caution:** the {len(row.runs)} {row.label} runs averaged differ in more than the seed: "

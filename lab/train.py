@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lab import TRUSTED_TARGETS, LabError, log_to_files
-from lab.callbacks import Energy, StageEnd, StepLog, Throughput, export_hf
+from lab.callbacks import Energy, StageEnd, StepLog, Throughput, TrainClock, export_hf
 from lab.datamodule import CurriculumDataModule
 from lab.module import CausalLMModule
 from lab.tracking import get_or_create_experiment, git_info, is_launch_setting, params_from_config, tracking_uri
@@ -234,6 +234,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     flops_per_token, peak, peak_source = flops_and_peak(module.config, cfg.data.seq_len, precision)
     trainer.callbacks.append(Throughput(flops_per_token, peak, window=max(1, min(10, total_steps // 4))))
+    trainer.callbacks.append(TrainClock())
     trainer.callbacks.append(StageEnd(run_dir, stage_names, bounds, manifest.tokenizer_dir, cfg.train.export_hf))
     if cfg.callbacks.energy in (True, "auto"):
         try:

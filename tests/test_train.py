@@ -186,6 +186,12 @@ def test_kill_and_resume_gives_the_same_losses(prepared_sample, tmp_path):
     assert combined == expected  # exact float equality, step by step
     # the resumed run continues the same MLflow run
     assert (tmp_path / "resumed" / "mlflow_run_id").read_text() == (tmp_path / "killed" / "mlflow_run_id").read_text()
+    # its training time continues from the checkpoint's, not from zero (lab.compare's wall time)
+    callbacks = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    before = next(state["train_s"] for key, state in callbacks.items() if key.startswith("TrainClock"))
+    run_id = (tmp_path / "resumed" / "mlflow_run_id").read_text().strip()
+    times = [m.value for m in MlflowClient().get_metric_history(run_id, "time/train_s")]
+    assert 0 < before < max(times)
 
 
 # the stage checkpoint is the case that once lost the next stage; the step checkpoint runs with `make test-slow`
