@@ -72,7 +72,8 @@ class Manifest:
         if not path.is_file():
             raise LabError(
                 f"no prepared data at {root} (missing manifest.json). Run `python -m lab.prepare` with the same "
-                "data/tokenizer/seq_len overrides first (or `make data`)."
+                "data/tokenizer/seq_len overrides first (`make data-sample` for the embedded sample, "
+                "`make data CORPUS=...` for a corpus)."
             )
         return cls(root, json.loads(path.read_text()))
 

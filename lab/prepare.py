@@ -39,7 +39,7 @@ from lab.data import scan as sc
 from lab.data import tokenizer as tk
 from lab.data.encode import BACKENDS
 from lab.data.filters import DocFilter
-from lab.data.io import SourceSpec
+from lab.data.io import SourceSpec, clean_path
 from lab.data.normalize import Normalizer
 from lab.data.parallel import ordered_map, resolve_workers
 from lab.data.split import SPLITS, TRAIN, VAL
@@ -121,8 +121,7 @@ class Settings:
             log.warning("prepare.dedup.keep_priority names unknown source(s) %s", sorted(unknown))
         record = {"data": _plain(data), "tokenizer": _plain(cfg.tokenizer), "prepare": _plain(prep)}
         return cls(
-            prepared_dir=Path(str(data.prepared_dir)).expanduser().absolute(),
-            work_dir=Path(str(prep.work_dir)).expanduser().absolute(),
+            prepared_dir=clean_path(data.prepared_dir), work_dir=clean_path(prep.work_dir),
             sources=sources, normalize=normalize, filters=filters, dedup=dedup,
             split_salt=str(prep.split.salt), vocab_size=vocab_size, seq_len=seq_len,
             tokenizer_name=str(cfg.tokenizer.get("name", "bpe")), training=_plain(prep.tokenizer_training),
@@ -631,6 +630,12 @@ class Pipeline:
         packed = self.pack(scan, dedup, tok)
         manifest = self.manifest(scan, dedup, tok, report, packed)
         write_json_atomic(self.s.work_dir / "timings.json", self.timings)
+        for name, info in manifest["sources"].items():
+            val = info["splits"]["val"]
+            if self.s.sources[name].val_fraction > 0 and val["blocks"] == 0:
+                log.warning("source %s: its validation split (%d tokens) fills no block of %d tokens, so training "
+                            "cannot measure it; raise data.sources.%s.val_fraction or lower data.seq_len",
+                            name, val["tokens"], self.s.seq_len, name)
         return manifest
 
 

@@ -47,6 +47,20 @@ def resolve_precision(precision: str) -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
+def prepare_command(cfg: DictConfig) -> str:
+    """The lab.prepare command that writes the data this training config reads."""
+    hydra_on = HydraConfig.initialized()
+    choices = HydraConfig.get().runtime.choices if hydra_on else {}
+    words = ["python -m lab.prepare"] + [f"{group}={choices[group]}" for group in ("data", "tokenizer")
+                                         if choices.get(group)]
+    words += [f"paths.corpus_dir={cfg.paths.corpus_dir}", f"data.seq_len={cfg.data.seq_len}"]
+    for override in (HydraConfig.get().overrides.task if hydra_on else []):
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith(("data.", "tokenizer.", "prepare.")) and key not in ("data.seq_len", "data.stages"):
+            words.append(override)
+    return " ".join(words)
+
+
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     """`last`: the newest checkpoint among earlier runs with this run_name (single runs and multiruns)."""
     if not cfg.ckpt_path:
@@ -138,6 +152,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         torch.backends.cudnn.allow_tf32 = True
 
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
+    if not (Path(str(cfg.data.prepared_dir)) / "manifest.json").is_file():
+        raise LabError(f"no prepared data at {cfg.data.prepared_dir}; prepare it first with: {prepare_command(cfg)}")
     datamodule = CurriculumDataModule(
         cfg.data.prepared_dir, cfg.data.stages, cfg.data.seq_len, cfg.train.batch_size,
         val_batch_size=cfg.train.val_batch_size, val_max_blocks=cfg.train.val_max_blocks,

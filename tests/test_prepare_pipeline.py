@@ -320,6 +320,14 @@ def test_prepared_data_of_another_corpus_is_not_replaced_silently(sample, tmp_pa
         run(cfg)
 
 
+def test_a_validation_split_shorter_than_a_block_is_warned_about(corpus, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="lab.prepare")
+    manifest = json.loads((Path(run(compose(tmp_path, *corpus, "data.seq_len=4096")[0])) / "manifest.json").read_text())
+    for name, source in manifest["sources"].items():
+        assert source["splits"]["val"]["blocks"] == 0
+        assert f"source {name}: its validation split" in caplog.text
+
+
 def test_progress_goes_to_the_log_where_no_terminal_shows_bars(caplog):
     from lab.prepare import LogProgress
 

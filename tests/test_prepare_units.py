@@ -435,3 +435,13 @@ def test_encoder_check_covers_the_head_of_a_long_text(tmp_path, monkeypatch):
     with pytest.raises(Mismatch):
         encoder.encode(["scurt", long_text], "uint16", [8192])
     encoder.encode(["scurt", long_text], "uint16", [0])  # no budget left: not compared, no error
+
+
+def test_source_paths_are_normalised_so_spellings_share_fingerprints(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    spelled = SourceSpec.from_cfg("web", OmegaConf.create({"kind": "jsonl", "path": "x/../corpus/./web.jsonl"}))
+    plain = SourceSpec.from_cfg("web", OmegaConf.create({"kind": "jsonl", "path": str(tmp_path / "corpus" / "web.jsonl")}))
+    assert spelled.path == plain.path == tmp_path / "corpus" / "web.jsonl"

@@ -351,6 +351,12 @@ def test_gpu_trainer_without_a_gpu_is_a_clear_error(prepared_sample, tmp_path):
         run_train(prepared_sample, tmp_path, "trainer=gpu")
 
 
+def test_training_before_preparing_names_the_prepare_command(tmp_path):
+    with pytest.raises(LabError, match=r"prepare it first with: python -m lab\.prepare .*data\.seq_len=\d+") as err:
+        run_train(tmp_path / "nothing_here", tmp_path / "run")
+    assert "paths.corpus_dir=" in str(err.value)
+
+
 def test_short_runs_still_log_training_metrics(prepared_sample, tmp_path):
     """Fewer steps than trainer.log_every_n_steps: the interval shrinks so the run still has its metrics."""
     result = run_train(prepared_sample, tmp_path, "trainer.max_steps=3", "trainer.log_every_n_steps=50")

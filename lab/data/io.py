@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import logging
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,12 @@ log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 KINDS = ("jsonl", "txt_dir")
+
+
+def clean_path(value: Any) -> Path:
+    """Absolute, with `..` and `.` resolved (not symlinks): the same files always get the same name,
+    so a relative and an absolute spelling reuse each other's prepared steps."""
+    return Path(os.path.normpath(Path(str(value)).expanduser().absolute()))
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,7 @@ class SourceSpec:
         val_fraction = float(node.get("val_fraction", 0.0))
         if not 0.0 <= val_fraction < 1.0:
             raise LabError(f"data.sources.{name}.val_fraction={val_fraction}: expected 0 <= fraction < 1")
-        return cls(name=name, kind=kind, path=Path(str(node.path)).expanduser().absolute(),
+        return cls(name=name, kind=kind, path=clean_path(node.path),
                    text_field=str(node.get("text_field", "text")),
                    id_field=node.get("id_field", "id"), val_fraction=val_fraction)
 
