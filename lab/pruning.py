@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import lightning as L
 import optuna
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lab import LabError
 
@@ -70,11 +70,15 @@ class OptunaPruning(L.Callback):
     min_progress: no pruning before this fraction of the run's optimizer steps (values are still
         reported), so an LR whose warmup starts slowly is not judged on its first evaluations.
     overrides: the job's overrides; default: Hydra's for this job (tests pass them explicitly).
+    settings: what every trial of one study must share (data, budget, batch): the first trial records
+        it in the study; a job with other settings is refused, since a study's best value and its
+        pruning medians would otherwise compare trials trained on different budgets.
     """
 
     def __init__(self, storage: str | None, study_name: str | None, monitor: str = "val/loss",
                  pruner: Mapping[str, Any] | DictConfig | optuna.pruners.BasePruner | None = None,
-                 min_progress: float = 0.25, overrides: Sequence[str] | None = None):
+                 min_progress: float = 0.25, overrides: Sequence[str] | None = None,
+                 settings: Mapping[str, Any] | DictConfig | None = None):
         if not 0.0 <= min_progress <= 1.0:
             raise LabError(f"callbacks.optuna_pruning.min_progress={min_progress} must be in [0, 1]")
         self.storage = storage
@@ -83,6 +87,8 @@ class OptunaPruning(L.Callback):
         self.pruner = build_pruner(pruner)
         self.min_progress = min_progress
         self.overrides = overrides
+        self.settings = (OmegaConf.to_container(settings, resolve=True) if isinstance(settings, DictConfig)
+                         else dict(settings or {}))
         self.trial: optuna.Trial | None = None
         self.active = False
         self.pruned_at_step: int | None = None
@@ -114,8 +120,23 @@ class OptunaPruning(L.Callback):
             log.warning("optuna pruning: no running trial of study %r has params matching this job's overrides "
                         "%s; pruning is off", self.study_name, overrides)
             return None
+        self._check_settings(study)
         log.info("optuna pruning: job is trial %d of study %r (%s)", frozen.number, self.study_name, frozen.params)
         return optuna.Trial(study, frozen._trial_id)
+
+    def _check_settings(self, study: optuna.Study) -> None:
+        if not self.settings:
+            return
+        recorded = study.user_attrs.get("settings")
+        if recorded is None:
+            study.set_user_attr("settings", self.settings)
+            return
+        changed = {key: (recorded.get(key), value) for key, value in self.settings.items() if recorded.get(key) != value}
+        if changed:
+            detail = "; ".join(f"{key}: {old} -> {new}" for key, (old, new) in changed.items())
+            raise LabError(f"study {self.study_name!r} holds trials trained with other settings ({detail}); its best "
+                           f"value would mix them. Give this sweep its own study: "
+                           f"hydra.sweeper.study_name={self.study_name}-2 (or another name)")
 
     def _link_run(self, trainer: L.Trainer) -> None:
         assert self.trial is not None

@@ -209,3 +209,18 @@ def test_find_trial_matches_params_exactly(study):
     assert find_trial(study_obj, [f"optim.lr={first.params['optim.lr']}"]).number == first.number
     finished = study_obj.trials[0]  # same kind of params, but no longer running
     assert find_trial(study_obj, [f"optim.lr={finished.params['optim.lr']}"]) is None
+
+
+def test_a_study_refuses_trials_trained_with_other_settings(study):
+    storage, study_obj = study
+    first = study_obj.ask({"optim.lr": LR})
+    callback = OptunaPruning(storage, "lr-test", min_progress=0.0, overrides=[f"optim.lr={first.params['optim.lr']}"],
+                             settings={"stages": [{"name": "web", "tokens": 20000}], "batch_size": 4})
+    fit(callback, val_loss=1.0)
+    study_obj.tell(first, 1.0)
+    assert optuna.load_study(study_name="lr-test", storage=storage).user_attrs["settings"]["batch_size"] == 4
+    second = study_obj.ask({"optim.lr": LR})
+    other = OptunaPruning(storage, "lr-test", min_progress=0.0, overrides=[f"optim.lr={second.params['optim.lr']}"],
+                          settings={"stages": [{"name": "web", "tokens": 5000}], "batch_size": 4})
+    with pytest.raises(LabError, match=r"other settings \(stages: .*20000.* -> .*5000.*\).*study_name=lr-test-2"):
+        fit(other, val_loss=1.0)
