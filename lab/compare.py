@@ -454,9 +454,9 @@ def plot_val_loss(data: Sequence[RunData], by: str, path: Path) -> Path | None:
     colors = group_colors({d.arch if by == "arch" else d.name for d in data})
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2), squeeze=False)
     use_tokens = all(_tokens_at(d, [0]) is not None for d in data)
-    boundaries = _stage_starts(data[0], use_tokens)
+    boundaries = sorted({x for item in data for x in _stage_starts(item, use_tokens)})
     for ax, key in zip(axes[0], keys):
-        for x in boundaries:  # curriculum stage changes (same budget for every run)
+        for x in boundaries:  # curriculum stage changes of every run (one line where budgets match)
             ax.axvline(x, color="grey", ls="--", lw=0.8)
         labelled = set()
         for item in data:
