@@ -190,7 +190,8 @@ def test_kill_and_resume_gives_the_same_losses(prepared_sample, tmp_path):
     callbacks = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
     before = next(state["train_s"] for key, state in callbacks.items() if key.startswith("TrainClock"))
     run_id = (tmp_path / "resumed" / "mlflow_run_id").read_text().strip()
-    times = [m.value for m in MlflowClient().get_metric_history(run_id, "time/train_s")]
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])  # the store the subprocesses wrote
+    times = [m.value for m in client.get_metric_history(run_id, "time/train_s")]
     assert 0 < before < max(times)
 
 
