@@ -3,8 +3,8 @@
 import logging
 import os
 import sys
-from typing import Any, Callable
 from pathlib import Path
+from typing import Any, Callable
 
 # torchao (imported by transformers) reports its CUDA-only extensions missing on CPU machines, and
 # torch warns about its enum registrations: noise on every command, not a problem to act on.

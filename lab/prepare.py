@@ -37,7 +37,7 @@ from lab.data import manifest as mf
 from lab.data import pack as pk
 from lab.data import scan as sc
 from lab.data import tokenizer as tk
-from lab.data.encode import BACKENDS
+from lab.data.encode import check_backend
 from lab.data.filters import DocFilter
 from lab.data.io import SourceSpec, clean_path
 from lab.data.normalize import Normalizer
@@ -110,9 +110,7 @@ class Settings:
         if vocab_size < 256 + len(tk.SPECIAL_TOKENS):
             raise LabError(f"tokenizer.vocab_size={vocab_size}: a byte-level BPE needs at least "
                            f"{256 + len(tk.SPECIAL_TOKENS)} (256 bytes + special tokens)")
-        encoder = str(prep.pack.get("encoder", "auto"))
-        if encoder not in BACKENDS:
-            raise LabError(f"prepare.pack.encoder={encoder!r}: expected one of {', '.join(BACKENDS)}")
+        encoder = check_backend(str(prep.pack.get("encoder", "auto")))  # a typo fails now, not in a worker
         dedup = _plain(prep.dedup)
         if not 0.0 < float(dedup["threshold"]) < 1.0:
             raise LabError(f"prepare.dedup.threshold={dedup['threshold']}: expected 0 < threshold < 1")
@@ -630,12 +628,6 @@ class Pipeline:
         packed = self.pack(scan, dedup, tok)
         manifest = self.manifest(scan, dedup, tok, report, packed)
         write_json_atomic(self.s.work_dir / "timings.json", self.timings)
-        for name, info in manifest["sources"].items():
-            val = info["splits"]["val"]
-            if self.s.sources[name].val_fraction > 0 and val["blocks"] == 0:
-                log.warning("source %s: its validation split (%d tokens) fills no block of %d tokens, so training "
-                            "cannot measure it; raise data.sources.%s.val_fraction or lower data.seq_len",
-                            name, val["tokens"], self.s.seq_len, name)
         return manifest
 
 
@@ -653,6 +645,11 @@ def run(cfg: DictConfig) -> Path:
     for name, info in manifest["sources"].items():
         if not info.get("docs_in"):
             log.warning("source %r has no documents at %s", name, settings.sources[name].path)
+        val = info["splits"]["val"]
+        if settings.sources[name].val_fraction > 0 and val["blocks"] == 0:
+            log.warning("source %s: its validation split (%d tokens) fills no block of %d tokens, so training "
+                        "cannot measure it; raise data.sources.%s.val_fraction or lower data.seq_len",
+                        name, val["tokens"], settings.seq_len, name)
     # documents there, none kept: a wrong text field or filters that do not fit this corpus
     empty = [name for name, info in manifest["sources"].items() if info.get("docs_in") and not info.get("docs_kept")]
     if empty:

@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lab import LabError
+from lab.tracking import describe_changes
 
 log = logging.getLogger(__name__)
 # Pruners a config may name (Hydra 1.4 asks call sites for an execution whitelist).
@@ -131,10 +132,10 @@ class OptunaPruning(L.Callback):
         if recorded is None:
             study.set_user_attr("settings", self.settings)
             return
-        changed = {key: (recorded.get(key), value) for key, value in self.settings.items() if recorded.get(key) != value}
+        changed = [key for key, value in self.settings.items() if recorded.get(key) != value]
         if changed:
-            detail = "; ".join(f"{key}: {old} -> {new}" for key, (old, new) in changed.items())
-            raise LabError(f"study {self.study_name!r} holds trials trained with other settings ({detail}); its best "
+            raise LabError(f"study {self.study_name!r} holds trials trained with other settings "
+                           f"({describe_changes(recorded, self.settings, changed)}); its best "
                            f"value would mix them. Give this sweep its own study: "
                            f"hydra.sweeper.study_name={self.study_name}-2 (or another name)")
 

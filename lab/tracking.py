@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -93,3 +93,9 @@ _LAUNCH_PREFIXES = ("ckpt_path", "run_name", "paths.", "logger.", "tags.", "call
 def is_launch_setting(key: str) -> bool:
     """True for a run param that does not change what is trained (see _LAUNCH_PREFIXES)."""
     return key.startswith(_LAUNCH_PREFIXES) or (key.startswith("data.sources.") and key.endswith(".path"))
+
+
+def describe_changes(recorded: Mapping[str, Any], now: Mapping[str, Any], keys: Sequence[str], limit: int = 8) -> str:
+    """`key: old -> new; ...` for the changed `keys` (the first `limit`), as refusals of changed settings say it."""
+    shown = "; ".join(f"{key}: {recorded.get(key)} -> {now.get(key)}" for key in keys[:limit])
+    return shown + ("; ..." if len(keys) > limit else "")

@@ -30,7 +30,8 @@ from lab import TRUSTED_TARGETS, LabError, log_to_files
 from lab.callbacks import Energy, StageEnd, StepLog, Throughput, TrainClock, export_hf
 from lab.datamodule import CurriculumDataModule
 from lab.module import CausalLMModule
-from lab.tracking import get_or_create_experiment, git_info, is_launch_setting, params_from_config, tracking_uri
+from lab.tracking import (describe_changes, get_or_create_experiment, git_info, is_launch_setting, params_from_config,
+                          tracking_uri)
 
 log = logging.getLogger("lab.train")
 
@@ -91,8 +92,7 @@ def check_resume_settings(uri: str, run_id: str, resolved: Mapping[str, Any]) ->
     now = params_from_config({k: v for k, v in resolved.items() if k != "hydra"})
     changed = sorted(k for k, v in now.items() if k in recorded and recorded[k] != v and not is_launch_setting(k))
     if changed:
-        detail = "; ".join(f"{k}: {recorded[k]} -> {now[k]}" for k in changed[:8])
-        raise LabError(f"resuming MLflow run {run_id} with other settings ({detail}{'; ...' if len(changed) > 8 else ''}). "
+        raise LabError(f"resuming MLflow run {run_id} with other settings ({describe_changes(recorded, now, changed)}). "
                        "Resume with the run's own settings, or start a new run (without ckpt_path) to train differently")
 
 

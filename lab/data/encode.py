@@ -26,6 +26,12 @@ _SPACE_AFTER_WORD = re.compile(r"\S\s")
 PIECE_CHARS = 1 << 18  # the longest piece of a document encoded at once (see `pieces`)
 
 
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise LabError(f"prepare.pack.encoder={backend!r}: expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
 def _fastokens_module():
     try:
         import fastokens
@@ -38,8 +44,7 @@ class BatchEncoder:
     """Encodes lists of texts (no special tokens added) to one id array per text."""
 
     def __init__(self, tokenizer_file: Path, backend: str = "auto"):
-        if backend not in BACKENDS:
-            raise LabError(f"prepare.pack.encoder={backend!r}: expected one of {', '.join(BACKENDS)}")
+        check_backend(backend)
         spec = json.loads(Path(tokenizer_file).read_text(encoding="utf-8"))
         spec["normalizer"] = None
         spec_text = json.dumps(spec)

@@ -1,7 +1,8 @@
 """Tokenize the kept documents and pack them into fixed blocks of seq_len tokens.
 
-Workers tokenize one scan shard each (batch encoding, one thread per process; see lab/data/encode.py
-for the backend and its check against `tokenizers`) and write its token stream per split: every document followed by the end-of-text token. The main process then
+Workers tokenize one scan shard each (batch encoding, one thread per process; lab/data/encode.py holds
+the backend and its check against `tokenizers`) and write its token stream per split: every document
+followed by the end-of-text token. The main process then
 concatenates the parts in shard order into `<source>/<split>.bin`, cut to a whole number of blocks
 (no padding; the leftover tail is counted, not written). Parts are written atomically with their
 counts last, so a killed packing run resumes at shard granularity.
