@@ -3,8 +3,9 @@
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 # torchao (imported by transformers) reports its CUDA-only extensions missing on CPU machines, and
 # torch warns about its enum registrations: noise on every command, not a problem to act on.
@@ -33,8 +34,14 @@ _register_resolver("lab.basename", lambda path: Path(str(path)).name, replace=Tr
 
 PROJECT_ROOT = Path(os.environ.setdefault("PROJECT_ROOT", str(_find_project_root())))
 CONF_DIR = PROJECT_ROOT / "conf"
-# What config `_target_`s may instantiate (Hydra 1.4 asks call sites for an execution whitelist).
-TRUSTED_TARGETS = ["transformers.*", "lightning.pytorch.*", "lab.*", "torch.*"]
+# What the user's config `_target_`s may instantiate (Hydra 1.4 asks call sites for an execution whitelist):
+# the Trainer of conf/trainer and the pruning callback of conf/callbacks. Arch configs are built without
+# instantiate (lab/models.py), and nothing read from a checkpoint or model folder is ever instantiated.
+TRUSTED_TARGETS = ["lightning.pytorch.*", "lab.pruning.OptunaPruning"]
+
+
+# The exit status of every lab command that stops on an error it has explained.
+USER_ERROR_EXIT = 1
 
 
 class LabError(Exception):
@@ -42,18 +49,76 @@ class LabError(Exception):
 
 
 def run_or_exit(job: Callable[[Any], Any], cfg: Any, log: logging.Logger) -> Any:
-    """Run an entry point's job; a LabError becomes one clear line and exit status 1, no traceback."""
+    """Run an entry point's job; any failure becomes one clear line and exit status 1 (see exit_with)."""
     try:
         return job(cfg)
-    except LabError as err:
-        log_to_files(log, logging.ERROR, str(err))
-        sys.exit(f"error: {err}")
+    except Exception as err:  # noqa: BLE001 - the one exit path of every command
+        exit_with(err, log)
 
 
-def log_to_files(log: logging.Logger, level: int, message: str) -> None:
+def debug_requested() -> bool:
+    return os.environ.get("LAB_DEBUG", "") not in ("", "0") or os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0")
+
+
+def error_line(err: BaseException) -> str:
+    """One line for the console: the LabError's own message, the path and cause of an OS error, else the type."""
+    if isinstance(err, LabError):
+        return str(err)
+    if isinstance(err, OSError) and (err.strerror or err.filename):
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror or err} (the operating system refused; check the path, its permissions and free space)"
+    text = (str(err).strip().splitlines() or [""])[0][:300]
+    return f"unexpected {type(err).__name__}: {text}"
+
+
+def report_error(err: BaseException, log: logging.Logger) -> int:
+    """The one way the lab's commands fail: `error: <one line>` on stderr, exit status 1 (returned).
+
+    The traceback goes to the run's log file; on the console only when LAB_DEBUG=1 or HYDRA_FULL_ERROR=1 asks.
+    """
+    line = error_line(err)
+    expected = isinstance(err, LabError)
+    log_to_files(log, logging.ERROR, line, exc_info=None if expected else err)
+    if debug_requested():
+        traceback.print_exception(err)
+    elif not expected:
+        files = [h.baseFilename for h in log.handlers + logging.getLogger().handlers
+                 if isinstance(h, logging.FileHandler) and h.baseFilename != os.devnull]
+        line += f" (traceback in {files[0]}; set LAB_DEBUG=1 to print it)" if files else \
+            " (set LAB_DEBUG=1 to print the traceback)"
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    return USER_ERROR_EXIT
+
+
+def exit_with(err: BaseException, log: logging.Logger) -> NoReturn:
+    sys.exit(report_error(err, log))
+
+
+def report_sweep_failure(exc_type: type[BaseException], err: BaseException, tb: Any) -> None:
+    """sys.excepthook of a multirun whose job failed (see report_job_failure): Hydra re-raises the first failure
+    after the sweep and hands it to a custom excepthook instead of printing its traceback. One line; the
+    traceback is already in the failed job's log (on the console too with LAB_DEBUG=1 or HYDRA_FULL_ERROR=1)."""
+    if debug_requested():
+        traceback.print_exception(exc_type, err, tb)
+    where = "" if isinstance(err, LabError) else " (traceback in the failed job's log; set LAB_DEBUG=1 to print it)"
+    print(f"error: {error_line(err)}{where}", file=sys.stderr, flush=True)
+
+
+def report_job_failure(err: BaseException, log: logging.Logger) -> None:
+    """A job of a multirun failed: one line on the console and in the job's log (the traceback of an unexpected
+    error in the log only). The caller re-raises so that the sweeper records the failure (an Optuna trial FAIL,
+    the basic sweeper's exit status 1), and the sweep's last word is one line (report_sweep_failure)."""
+    log.error("%s", error_line(err))
+    if not isinstance(err, LabError):
+        log_to_files(log, logging.ERROR, "traceback of the error above", exc_info=err)
+    sys.excepthook = report_sweep_failure
+
+
+def log_to_files(log: logging.Logger, level: int, message: str, exc_info: BaseException | None = None) -> None:
     """Record `message` in the run's log files only (Hydra's job log): the console gets it once,
     from the exit message, instead of twice."""
-    record = log.makeRecord(log.name, level, "(lab)", 0, message, None, None)
+    info = (type(exc_info), exc_info, exc_info.__traceback__) if exc_info is not None else None
+    record = log.makeRecord(log.name, level, "(lab)", 0, message, None, info)
     for handler in logging.getLogger().handlers + log.handlers:
         if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
             handler.handle(record)

@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 import torch
 from omegaconf import OmegaConf
 
-from lab import CONF_DIR, PROJECT_ROOT, LabError
+from lab import CONF_DIR, PROJECT_ROOT, LabError, report_error
 from lab.flops import flops_per_token, layer_kinds, mfu, peak_flops
 from lab.kernels import apply_fast_paths, causal_lm_loss, compile_model, set_attention
 from lab.models import build_config, build_model
@@ -444,9 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append(Row(arch=arch, setting="-", batch=0, seq_len=args.seq_len, notes=_failure(err)))
         out_dir = Path(args.out) if args.out else PROJECT_ROOT / "experiments" / f"{dt.date.today():%Y-%m-%d}_bench"
         stem = write_results(rows, environment(device, autocast), args, out_dir)
-    except LabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # noqa: BLE001 - the one exit path (lab.exit_with)
+        return report_error(err, log)
     print(markdown_table(rows))
     print(f"\nwritten: {stem}.{{md,csv,json}}")
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -27,10 +28,12 @@ from typing import Any
 import numpy as np
 import psutil
 
-from lab import PROJECT_ROOT
+from lab import PROJECT_ROOT, LabError, report_error
 from lab.data.manifest import summary_table
 from lab.data.parallel import resolve_workers
 from lab.data.tokenizer import format_report
+
+log = logging.getLogger("lab.bench_data")
 
 MB = 1 << 20
 STEPS = ("scan", "dedup", "tokenizer", "report", "pack")
@@ -206,7 +209,16 @@ def target_lines(result: dict[str, Any], total_bytes: int) -> list[str]:
             f"{encoder.get('mismatched_shards', 0)} shard(s) disagreed"]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The command line: the benchmark, or one `error: ...` line and exit status 1 (lab.report_error)."""
+    try:
+        benchmark(argv)
+    except Exception as err:  # noqa: BLE001 - the one exit path of every command
+        return report_error(err, log)
+    return 0
+
+
+def benchmark(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, required=True, help="folder with web.jsonl and books/")
     parser.add_argument("--replicate", type=int, default=10, help="copies of the corpus for the flat-memory check")
@@ -225,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     corpus = args.corpus.resolve()
     web, books = corpus / "web.jsonl", corpus / "books"
     if not web.is_file() or not books.is_dir():
-        raise SystemExit(f"error: {corpus} must hold web.jsonl and books/")
+        raise LabError(f"{corpus} must hold web.jsonl and books/ (--corpus names the corpus folder)")
     workers = resolve_workers(args.workers)
     base = [f"prepare.workers={workers}", f"prepare.batch_mb={args.batch_mb}", f"tokenizer.vocab_size={args.vocab}", f"data.seq_len={args.seq_len}",
             *args.overrides]
@@ -295,4 +307,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import html
+import logging
 import math
 import re
 import shlex
@@ -29,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
-from lab import PROJECT_ROOT, LabError
+from lab import PROJECT_ROOT, LabError, report_error
 from lab.tracking import is_launch_setting, tracking_uri
 
 # Tags that mark runs which are not training runs of the study.
@@ -40,6 +41,8 @@ _VAL_DOMAIN = re.compile(r"^val/([^/]+)/(loss|bpb|ppl)$")
 # Evaluation metrics shown in the table (all `quant/...` metrics go to the CSV): perplexity per
 # source, size on disk, time to first token.
 _QUANT_SHOWN = re.compile(r"^quant/(?P<variant>[^/]+)/(?:val/(?P<source>[^/]+)/ppl|size_mb|ttft_ms_(?P<len>\d+))$")
+
+log = logging.getLogger("lab.compare")
 
 
 # -- formatting -------------------------------------------------------------------------------------------------
@@ -751,9 +754,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          include_unfinished=args.include_unfinished, name=args.name, out_dir=args.out,
                          uri=args.tracking_uri, study=args.study, storage=args.storage,
                          log_to_mlflow=not args.no_log, command=shlex.join(["python", "-m", "lab.compare", *argv]))
-    except LabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:  # noqa: BLE001 - the one exit path (lab.exit_with)
+        return report_error(err, log)
     print(result.markdown)
     print()
     for run, why in result.selection.skipped:

@@ -28,7 +28,7 @@ from lab import LabError
 class PackedBlocks(Dataset):
     """Fixed-length blocks of a flat token file, memory-mapped (nothing is read until indexed)."""
 
-    def __init__(self, path: Path, seq_len: int, dtype: str):
+    def __init__(self, path: Path, seq_len: int, dtype: str, expected_blocks: int | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise LabError(f"packed token file not found: {self.path}")
@@ -36,6 +36,11 @@ class PackedBlocks(Dataset):
         self.dtype = np.dtype(dtype)
         n_tokens = self.path.stat().st_size // self.dtype.itemsize
         self.n_blocks = n_tokens // seq_len
+        if expected_blocks is not None and (self.n_blocks != expected_blocks
+                                            or self.path.stat().st_size != expected_blocks * seq_len * self.dtype.itemsize):
+            # a cut or grown file must never train (or evaluate) silently on part of the data
+            raise LabError(f"{self.path} holds {self.path.stat().st_size:,} bytes, not the {expected_blocks:,} blocks "
+                           "its manifest records: the prepared data is damaged; re-run lab.prepare")
 
     @cached_property
     def _tokens(self) -> np.ndarray:
@@ -75,7 +80,10 @@ class Manifest:
                 "data/tokenizer/seq_len overrides first (`make data-sample` for the embedded sample, "
                 "`make data CORPUS=...` for a corpus)."
             )
-        return cls(root, json.loads(path.read_text()))
+        try:
+            return cls(root, json.loads(path.read_text()))
+        except (OSError, ValueError) as err:  # a cut or hand-edited manifest: one line, not a traceback
+            raise LabError(f"{path} cannot be read as a manifest ({err}); re-run lab.prepare") from None
 
     @property
     def seq_len(self) -> int:
@@ -113,7 +121,8 @@ class Manifest:
                            f"sources there: {self.sources}") from None
 
     def blocks(self, source: str, split: str) -> PackedBlocks:
-        return PackedBlocks(self.root / self.split(source, split)["file"], self.seq_len, self.dtype)
+        info = self.split(source, split)
+        return PackedBlocks(self.root / info["file"], self.seq_len, self.dtype, info.get("blocks"))
 
     def bytes_per_token(self, source: str, split: str = "val") -> float | None:
         info = self.split(source, split)

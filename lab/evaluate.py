@@ -540,10 +540,10 @@ def resolve_prepared_dir(value: Any, source: ModelSource) -> Path | None:
 
 def check_tokenizer(tokenizer: Any, prepared_dir: Path) -> None:
     """The held-out ids only mean something under the tokenizer they were packed with."""
-    from transformers import AutoTokenizer
+    from lab.models import load_tokenizer_folder
 
     folder = prepared_dir / "tokenizer"
-    if folder.is_dir() and AutoTokenizer.from_pretrained(folder).get_vocab() != tokenizer.get_vocab():
+    if folder.is_dir() and load_tokenizer_folder(folder).get_vocab() != tokenizer.get_vocab():
         raise LabError(f"the model's tokenizer differs from the one {prepared_dir} was packed with; "
                        "its held-out perplexity would be meaningless (pass the matching prepared_dir)")
 
@@ -688,7 +688,9 @@ def _output_dir(cfg: Mapping[str, Any]) -> Path | None:
 
 @hydra.main(config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    run_or_exit(evaluate, cfg, log)
+    from lab.settings import check_knobs
+
+    run_or_exit(lambda checked: evaluate(check_knobs(checked, "evaluate")), cfg, log)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,9 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> list[list[str]]:
 
 @hydra.main(config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    run_or_exit(run, cfg, log)
+    from lab.settings import check_knobs
+
+    run_or_exit(lambda checked: run(check_knobs(checked, "generate")), cfg, log)
 
 
 if __name__ == "__main__":

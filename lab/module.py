@@ -19,7 +19,7 @@ from torch import nn
 
 from lab import LabError
 from lab.kernels import FastPaths, apply_fast_paths, causal_lm_loss, compile_model
-from lab.models import build_config, build_model, count_params
+from lab.models import build_config, build_model, check_hf_folder, count_params
 from lab.schedules import lr_multiplier
 
 LN2 = math.log(2.0)
@@ -63,7 +63,12 @@ class CausalLMModule(L.LightningModule):
 
         if not Path(folder).is_dir():
             raise LabError(f"init_from={folder!r} is not a folder (expected an HF save_pretrained export)")
-        source = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        check_hf_folder(Path(folder))  # a folder from elsewhere: one of the lab's config classes, no code
+        try:
+            source = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
+        except Exception as err:  # noqa: BLE001 - safetensors, torch and transformers each raise their own types
+            raise LabError(f"init_from={folder}: the weights cannot be loaded ({type(err).__name__}); "
+                           "the folder is damaged or does not match its config.json") from None
         ours, theirs = self.model.state_dict(), source.state_dict()
         mismatched = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
         if mismatched:

@@ -16,6 +16,7 @@ fingerprint and outputs are intact ("reusing ...") and redoes the rest. Python A
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ from lab import LabError, run_or_exit
 from lab.data import dedup as dd
 from lab.data import manifest as mf
 from lab.data import pack as pk
+from lab.data import publish
 from lab.data import scan as sc
 from lab.data import tokenizer as tk
 from lab.data.encode import check_backend
@@ -507,9 +509,11 @@ class Pipeline:
         fp = fingerprint("pack", parts_fp, seq_len)
 
         def outputs_ok(done: dict[str, Any]) -> bool:
+            # content, not just size: a damaged file is rebuilt by re-running, never carried into the new data
             itemsize = np.dtype(dtype).itemsize
             return all((self.s.prepared_dir / info["file"]).is_file()
                        and (self.s.prepared_dir / info["file"]).stat().st_size == info["blocks"] * seq_len * itemsize
+                       and sha256_file(self.s.prepared_dir / info["file"]) == info["sha256"]
                        for splits in done["sources"].values() for info in splits.values())
 
         if (done := self._reuse("pack", fp, outputs_ok)) is not None:
@@ -635,10 +639,22 @@ def run(cfg: DictConfig) -> Path:
     """Prepare the data of a composed conf/prepare.yaml config; returns data.prepared_dir."""
     settings = Settings.from_cfg(cfg)
     _refuse_other_corpus(settings, overwrite=bool(cfg.prepare.get("overwrite", False)))
-    with run_lock(settings.prepared_dir):
-        remove_stale_tmp(settings.prepared_dir)
-        remove_stale_tmp(settings.work_dir)
-        manifest = Pipeline(settings).run()
+    published = settings.prepared_dir
+    try:
+        with run_lock(publish.lock_path(published), published):
+            # built aside and swapped in whole: until then the folder is entirely the old data (lab/data/publish.py)
+            staging = publish.begin_staging(published, settings.work_dir)
+            staged = dataclasses.replace(settings, prepared_dir=staging,
+                                         work_dir=publish.staged_path(settings.work_dir, published, staging))
+            remove_stale_tmp(staging)
+            remove_stale_tmp(staged.work_dir)
+            manifest = Pipeline(staged).run()
+            publish.publish(staging, published)
+            publish.verify_prepared(published, "full", "re-run lab.prepare with the same overrides")
+    except OSError as err:  # the OS refusing to write (full disk, read-only folder): one line, old data untouched
+        raise LabError(f"cannot write {err.filename or published}: {err.strerror or err}; {published} still holds "
+                       "its previous data (if any): free space or fix the permissions and re-run lab.prepare "
+                       "(finished steps are reused)") from None
     log.info("prepared %s\n%s", settings.prepared_dir, mf.summary_table(manifest))
     log.info("tokenizer report\n%s", tk.format_report(manifest["tokenizer_report"]))
     mf.log_to_mlflow(manifest)
@@ -678,7 +694,9 @@ def _refuse_other_corpus(settings: Settings, overwrite: bool) -> None:
 
 
 def _main(cfg: DictConfig) -> None:
-    run_or_exit(run, cfg, log)
+    from lab.settings import check_knobs
+
+    run_or_exit(lambda checked: run(check_knobs(checked, "prepare")), cfg, log)
 
 
 def main() -> None:

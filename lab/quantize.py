@@ -254,9 +254,14 @@ def resolve_source(model_path: str | Path | None) -> ModelSource:
                 hint = f" (did you mean {path / 'hf'}?)"
             raise LabError(f"model_path={path} has no config.json: not an HF save_pretrained folder{hint}")
         if (path / VARIANT_FILE).is_file():
-            meta = json.loads((path / VARIANT_FILE).read_text())
-            variant = meta.get("variant")
-            run_dir = Path(meta["run_dir"]) if meta.get("run_dir") else None
+            from lab.models import read_json_file
+
+            meta = read_json_file(path / VARIANT_FILE, f"model folder {path}")
+            variant, run_dir = (meta.get("variant"), meta.get("run_dir")) if isinstance(meta, dict) else (None, None)
+            if not isinstance(variant, str) or variant not in {*VARIANTS, *_DTYPE_NAMES.values()} or not isinstance(run_dir, (str, type(None))):
+                raise LabError(f"model folder {path}: {VARIANT_FILE} is not one lab.quantize writes "
+                               f"(variant {variant!r}, run_dir {run_dir!r}); remove it to load the folder as plain HF")
+            run_dir = Path(run_dir) if run_dir else None
             return ModelSource(path, "hf", run_dir if run_dir and run_dir.is_dir() else find_run_dir(path), variant)
         return ModelSource(path, "hf", find_run_dir(path))
     raise LabError(f"model_path={path} does not exist (expected an HF folder or a .ckpt file)")
@@ -315,22 +320,44 @@ def use_gather_embedding(model: nn.Module) -> bool:
     return True
 
 
-def _load_checkpoint(path: Path) -> nn.Module:
-    """The HF model inside a lab.train checkpoint: rebuilt from its hyper-parameters, weights from `model.*`."""
-    from lab.models import build_config, build_model
+@functools.lru_cache(maxsize=1)
+def lab_quant_types() -> frozenset[str]:
+    """Every torchao class name the lab's own variants serialize into a folder's quantization_config: what a
+    quantized folder from elsewhere may name (from_pretrained builds whatever it names)."""
+    from transformers import TorchAoConfig
 
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - corrupt file, wrong format, pickled objects
-        raise LabError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not hparams or "arch" not in hparams or "state_dict" not in checkpoint:
+    from lab.models import _serialized_types
+
+    names: set[str] = set()
+    for variant in VARIANTS.values():
+        config = variant.make_config(variant_options(variant), torch.device(variant.devices[0]))
+        names |= _serialized_types(TorchAoConfig(config).to_dict())
+    return frozenset(names)
+
+
+def _load_checkpoint(path: Path) -> nn.Module:
+    """The HF model inside a lab.train checkpoint: rebuilt from its hyper-parameters, weights from `model.*`.
+
+    The checkpoint is untrusted input: its config goes through config_from_record (closed list of classes,
+    plain values, bounded sizes), never through instantiate."""
+    from lab.checkpoints import read_checkpoint
+    from lab.models import build_model, config_from_record
+
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint.get("hyper_parameters")
+    state_dict = checkpoint.get("state_dict")
+    if not isinstance(hparams, dict) or "arch" not in hparams or not isinstance(state_dict, dict):
         raise LabError(f"{path} is not a lab.train checkpoint (no hyper_parameters.arch / state_dict)")
-    config = build_config(hparams["arch"], hparams.get("size"), **(hparams.get("config_overrides") or {}))
+    config = config_from_record(hparams["arch"], hparams.get("size"), hparams.get("config_overrides"),
+                                where=f"checkpoint {path}")
     model = build_model(config)
-    state = {key.removeprefix("model."): value for key, value in checkpoint["state_dict"].items()
-             if key.startswith("model.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state = {key.removeprefix("model."): value for key, value in state_dict.items()
+             if isinstance(key, str) and key.startswith("model.") and isinstance(value, torch.Tensor)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that do not fit
+        raise LabError(f"checkpoint {path} does not fit the model its hyper-parameters describe: "
+                       f"{str(err).splitlines()[-1].strip()}") from None
     tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(dict(model.named_parameters()))
     missing = [key for key in missing if key not in tied]
     if missing or unexpected:
@@ -340,28 +367,39 @@ def _load_checkpoint(path: Path) -> nn.Module:
     return model
 
 
+def load_hf_model(folder: Path, dtype: Any = None) -> nn.Module:
+    """An HF folder from elsewhere as a causal LM on the CPU: checked first (lab.models.check_hf_folder), no
+    remote code; a damaged weight file is one LabError line."""
+    from transformers import AutoModelForCausalLM
+
+    from lab.models import check_hf_folder
+
+    config = check_hf_folder(folder, set(lab_quant_types()))
+    quantized = "quantization_config" in config
+    # "auto": the dtype the folder was saved in (transformers' own default would be float32)
+    load_dtype = "auto" if quantized or dtype is None else dtype
+    try:
+        # loaded on the CPU, then moved by the caller: a device_map would need accelerate
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=load_dtype, trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 - safetensors, torch and transformers each raise their own types
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        raise LabError(f"cannot load {folder} as a causal LM ({type(err).__name__}: {first_line}); the weights "
+                       "are damaged or do not match config.json") from None
+
+
 def load_model(source: ModelSource | str | Path, device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None) -> tuple[nn.Module, ModelSource]:
     """Any model lab can evaluate, in eval mode on `device`: HF folder, quantized variant, or checkpoint.
 
     `dtype` casts a float model; None keeps the dtype it was saved in (quantized variants always do).
     """
-    from transformers import AutoModelForCausalLM
-
     source = source if isinstance(source, ModelSource) else resolve_source(source)
     device = torch.device(device)
     if source.kind == "ckpt":
         model = _load_checkpoint(source.path)
         model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
     else:
-        quantized = "quantization_config" in json.loads((source.path / "config.json").read_text())
-        # "auto": the dtype the folder was saved in (transformers' own default would be float32)
-        load_dtype = "auto" if quantized or dtype is None else dtype
-        try:
-            # loaded on the CPU, then moved: a device_map would need accelerate
-            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=load_dtype).to(device)
-        except (OSError, ValueError, RuntimeError) as err:
-            raise LabError(f"cannot load {source.path} as a causal LM: {err}") from err
+        model = load_hf_model(source.path, dtype).to(device)
     use_linear_forward(model)
     use_gather_embedding(model)
     return model.eval(), source
@@ -369,7 +407,7 @@ def load_model(source: ModelSource | str | Path, device: torch.device | str = "c
 
 def load_tokenizer(source: ModelSource, tokenizer_path: str | Path | None = None) -> Any:
     """The tokenizer: tokenizer_path, else the model folder's, else the run's HF export or prepared data."""
-    from transformers import AutoTokenizer
+    from lab.models import load_tokenizer_folder
 
     candidates: list[Path] = []
     if tokenizer_path:
@@ -384,7 +422,7 @@ def load_tokenizer(source: ModelSource, tokenizer_path: str | Path | None = None
                 candidates.append(Path(prepared) / "tokenizer")
     for folder in candidates:
         if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(folder)
+            return load_tokenizer_folder(folder)
     tried = ", ".join(str(c) for c in candidates) or "(nothing to try)"
     raise LabError(f"no tokenizer found for {source.path}; tried {tried}. Pass tokenizer_path=<folder>")
 
@@ -697,7 +735,9 @@ def quiet_transformers() -> None:
 
 @hydra.main(config_path="../conf", config_name="quantize")
 def main(cfg: DictConfig) -> None:
-    run_or_exit(quantize, cfg, log)
+    from lab.settings import check_knobs
+
+    run_or_exit(lambda checked: quantize(check_knobs(checked, "quantize")), cfg, log)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from lab import LabError
+from lab import LabError, report_error
 from lab.models import apply_size, build_config, count_params_meta
 
 DEPTH = "num_hidden_layers"
@@ -350,9 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            basis=ours.get("basis", "total"),
                            vary=tuple(v for v in ours["vary"].split(",") if v) if "vary" in ours else None,
                            tolerance=float(ours.get("tolerance", 0.01)))
-    except LabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:  # noqa: BLE001 - the one exit path (lab.exit_with)
+        return report_error(err, logging.getLogger("lab.sizing"))
     # overrides relative to the arch as written, so they rebuild the match under size=full
     changed = {k: v for k, v in match.node.items() if arch.get(k) != v}
     lines = [f"# {arch_name}: {match.total / 1e6:.2f}M params total, {match.non_embedding / 1e6:.2f}M "

@@ -26,10 +26,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from lab import TRUSTED_TARGETS, LabError, log_to_files
+from lab import TRUSTED_TARGETS, LabError, exit_with, report_job_failure
 from lab.callbacks import Energy, StageEnd, StepLog, Throughput, TrainClock, export_hf
+from lab.checkpoints import resolve_ckpt_path
+from lab.data.publish import verify_prepared
 from lab.datamodule import CurriculumDataModule
 from lab.module import CausalLMModule
+from lab.settings import TrainSettings
 from lab.tracking import (describe_changes, get_or_create_experiment, git_info, is_launch_setting, params_from_config,
                           tracking_uri)
 
@@ -60,25 +63,6 @@ def prepare_command(cfg: DictConfig) -> str:
         if key.startswith(("data.", "tokenizer.", "prepare.")) and key not in ("data.seq_len", "data.stages"):
             words.append(override)
     return " ".join(words)
-
-
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """`last`: the newest checkpoint among earlier runs with this run_name (single runs and multiruns)."""
-    if not cfg.ckpt_path:
-        return None
-    if cfg.ckpt_path != "last":
-        path = Path(cfg.ckpt_path)
-        if not path.is_file():
-            raise LabError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        return str(path)
-    root = Path(cfg.paths.root_dir)
-    # every checkpoint counts (step, stage end, guard stop): a run killed before its first step checkpoint
-    # may still have a stage checkpoint
-    candidates = [*root.glob(f"outputs/{cfg.run_name}/*/checkpoints/*.ckpt"),
-                  *root.glob(f"multirun/*/*_{cfg.run_name}/checkpoints/*.ckpt")]
-    if not candidates:
-        raise LabError(f"ckpt_path=last: no earlier checkpoint for run_name={cfg.run_name} under outputs/ or multirun/")
-    return str(max(candidates, key=lambda p: p.stat().st_mtime))
 
 
 def check_resume_settings(uri: str, run_id: str, resolved: Mapping[str, Any]) -> None:
@@ -144,6 +128,7 @@ def flops_and_peak(config: Any, seq_len: int, precision: str) -> tuple[float | N
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job from a composed config; returns final metrics and the MLflow run id."""
+    TrainSettings.from_config(cfg)  # every value checked before anything starts (one line for the first bad one)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = output_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -154,6 +139,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1))
     if not (Path(str(cfg.data.prepared_dir)) / "manifest.json").is_file():
         raise LabError(f"no prepared data at {cfg.data.prepared_dir}; prepare it first with: {prepare_command(cfg)}")
+    # what is trained on is what was prepared: sizes always, hashes when asked or when the folder changed
+    checked = verify_prepared(Path(str(cfg.data.prepared_dir)), str(cfg.data.get("verify", "auto")),
+                              f"re-prepare it (intact steps are reused) with: {prepare_command(cfg)}")
+    log.info("prepared data at %s verified (%s)", cfg.data.prepared_dir, checked)
     datamodule = CurriculumDataModule(
         cfg.data.prepared_dir, cfg.data.stages, cfg.data.seq_len, cfg.train.batch_size,
         val_batch_size=cfg.train.val_batch_size, val_max_blocks=cfg.train.val_max_blocks,
@@ -169,6 +158,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     "of merges); the embedding keeps %d rows, %d of them never used", manifest.vocab_size,
                     cfg.tokenizer.vocab_size, cfg.tokenizer.vocab_size, cfg.tokenizer.vocab_size - manifest.vocab_size)
 
+    if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise LabError(f"trainer.accelerator={cfg.trainer.accelerator} asks for a GPU, but no CUDA device is "
+                       "visible here; use trainer=cpu (or trainer=default, which picks what there is)")
     precision = resolve_precision(cfg.trainer.precision)
     ckpt_path = resolve_ckpt_path(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -189,102 +181,114 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                           tracking_uri=uri, tags=tags, log_model=False,
                           run_id=run_id_file.read_text().strip() if run_id_file.is_file() else None)
     run_id_file.write_text(logger.run_id)
+    try:
+        trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+        max_steps_cap = int(trainer_cfg.pop("max_steps", -1))
+        trainer_cfg.pop("precision", None)
+        checkpoint_cfg = cfg.callbacks.checkpoint
+        checkpoints = run_dir / "checkpoints"
+        callbacks: list[L.Callback] = [
+            ModelCheckpoint(dirpath=checkpoints, filename="step{step:07d}", auto_insert_metric_name=False,
+                            every_n_train_steps=checkpoint_cfg.every_n_steps, save_top_k=checkpoint_cfg.keep_last,
+                            monitor="step", mode="max", save_last=True, enable_version_counter=False),
+            # stage ends are epoch ends: one checkpoint per stage, kept. It refreshes last.ckpt too, so
+            # last.ckpt is the final state even when the run does not end on a multiple of every_n_steps
+            # (both callbacks write the same last.ckpt: no version counter, or the second writes last-v1).
+            ModelCheckpoint(dirpath=checkpoints, filename="stage{epoch}", auto_insert_metric_name=False,
+                            save_on_train_epoch_end=True, every_n_epochs=1, save_top_k=-1, save_last=True,
+                            enable_version_counter=False),
+            StepLog(run_dir / "steps.jsonl"),
+        ]
+        if cfg.callbacks.get("optuna_pruning"):  # selected by conf/sweep/lr.yaml: stop hopeless trials early
+            callbacks.append(instantiate(cfg.callbacks.optuna_pruning, _execution_whitelist_=TRUSTED_TARGETS))
+        if trainer_cfg.get("strategy") == "fsdp":
+            trainer_cfg["strategy"] = fsdp_strategy(cfg)
+        trainer = instantiate(trainer_cfg, precision=precision, logger=logger, callbacks=callbacks,
+                              max_epochs=len(datamodule.stages), reload_dataloaders_every_n_epochs=1,
+                              num_sanity_val_steps=0, check_val_every_n_epoch=1, default_root_dir=str(run_dir),
+                              _convert_="all", _execution_whitelist_=TRUSTED_TARGETS)
+        datamodule.set_world(trainer.world_size, trainer.global_rank)
 
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    max_steps_cap = int(trainer_cfg.pop("max_steps", -1))
-    trainer_cfg.pop("precision", None)
-    if trainer_cfg.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise LabError(f"trainer.accelerator={trainer_cfg['accelerator']} asks for a GPU, but no CUDA device is "
-                       "visible here; use trainer=cpu (or trainer=default, which picks what there is)")
-    checkpoint_cfg = cfg.callbacks.checkpoint
-    checkpoints = run_dir / "checkpoints"
-    callbacks: list[L.Callback] = [
-        ModelCheckpoint(dirpath=checkpoints, filename="step{step:07d}", auto_insert_metric_name=False,
-                        every_n_train_steps=checkpoint_cfg.every_n_steps, save_top_k=checkpoint_cfg.keep_last,
-                        monitor="step", mode="max", save_last=True, enable_version_counter=False),
-        # stage ends are epoch ends: one checkpoint per stage, kept. It refreshes last.ckpt too, so
-        # last.ckpt is the final state even when the run does not end on a multiple of every_n_steps
-        # (both callbacks write the same last.ckpt: no version counter, or the second writes last-v1).
-        ModelCheckpoint(dirpath=checkpoints, filename="stage{epoch}", auto_insert_metric_name=False,
-                        save_on_train_epoch_end=True, every_n_epochs=1, save_top_k=-1, save_last=True,
-                        enable_version_counter=False),
-        StepLog(run_dir / "steps.jsonl"),
-    ]
-    if cfg.callbacks.get("optuna_pruning"):  # selected by conf/sweep/lr.yaml: stop hopeless trials early
-        callbacks.append(instantiate(cfg.callbacks.optuna_pruning, _execution_whitelist_=TRUSTED_TARGETS))
-    if trainer_cfg.get("strategy") == "fsdp":
-        trainer_cfg["strategy"] = fsdp_strategy(cfg)
-    trainer = instantiate(trainer_cfg, precision=precision, logger=logger, callbacks=callbacks,
-                          max_epochs=len(datamodule.stages), reload_dataloaders_every_n_epochs=1,
-                          num_sanity_val_steps=0, check_val_every_n_epoch=1, default_root_dir=str(run_dir),
-                          _convert_="all", _execution_whitelist_=TRUSTED_TARGETS)
-    datamodule.set_world(trainer.world_size, trainer.global_rank)
+        bounds = datamodule.stage_boundaries()
+        total_steps = bounds[-1] if max_steps_cap <= 0 else min(bounds[-1], max_steps_cap)
+        if total_steps < bounds[-2]:
+            log.warning("trainer.max_steps=%d ends inside stage %r: the later stage(s) %s will not run",
+                        total_steps, datamodule.stages[datamodule.stage_at(total_steps)].name,
+                        [s.name for s in datamodule.stages[datamodule.stage_at(total_steps) + 1:]])
+        # a run shorter than the logging interval would record no training metrics at all
+        trainer.log_every_n_steps = max(1, min(trainer.log_every_n_steps, total_steps))
+        trainer.fit_loop.epoch_loop.max_steps = total_steps
+        # validate every eval_every_steps and at each stage end; Lightning counts micro-batches per epoch
+        shortest_stage = min(b - a for a, b in zip(bounds, bounds[1:]))
+        trainer.val_check_interval = max(1, min(cfg.train.eval_every_steps, shortest_stage)) * accumulate
+        validate_at_stage_ends(trainer)
 
-    bounds = datamodule.stage_boundaries()
-    total_steps = bounds[-1] if max_steps_cap <= 0 else min(bounds[-1], max_steps_cap)
-    if total_steps < bounds[-2]:
-        log.warning("trainer.max_steps=%d ends inside stage %r: the later stage(s) %s will not run",
-                    total_steps, datamodule.stages[datamodule.stage_at(total_steps)].name,
-                    [s.name for s in datamodule.stages[datamodule.stage_at(total_steps) + 1:]])
-    # a run shorter than the logging interval would record no training metrics at all
-    trainer.log_every_n_steps = max(1, min(trainer.log_every_n_steps, total_steps))
-    trainer.fit_loop.epoch_loop.max_steps = total_steps
-    # validate every eval_every_steps and at each stage end; Lightning counts micro-batches per epoch
-    shortest_stage = min(b - a for a, b in zip(bounds, bounds[1:]))
-    trainer.val_check_interval = max(1, min(cfg.train.eval_every_steps, shortest_stage)) * accumulate
-    validate_at_stage_ends(trainer)
+        stage_names = [s.name for s in datamodule.stages]
+        schedule = {"total_steps": total_steps, "tokens_per_step": datamodule.tokens_per_step,
+                    "stage_names": stage_names, "stage_bounds": bounds,
+                    "stage_sources": [list(s.sources) for s in datamodule.stages]}
+        data_info = {"seq_len": cfg.data.seq_len, "val_sources": datamodule.val_sources,
+                     "val_bytes_per_token": {s: manifest.bytes_per_token(s, "val") for s in datamodule.val_sources},
+                     "data_sha256": manifest.data_sha256, "tokenizer_sha256": manifest.tokenizer_sha256}
+        special = {k: manifest.raw[k] for k in ("eos_token_id", "pad_token_id") if manifest.raw.get(k) is not None}
+        if "eos_token_id" in special:
+            special["bos_token_id"] = special["eos_token_id"]  # documents are separated (not opened) by EOS
+        module = CausalLMModule(arch=resolved["arch"], size=resolved["size"], optim=resolved["optim"],
+                                scheduler=resolved["scheduler"], train=resolved["train"], schedule=schedule,
+                                data_info=data_info, config_overrides=special, init_from=cfg.init_from)
 
-    stage_names = [s.name for s in datamodule.stages]
-    schedule = {"total_steps": total_steps, "tokens_per_step": datamodule.tokens_per_step,
-                "stage_names": stage_names, "stage_bounds": bounds,
-                "stage_sources": [list(s.sources) for s in datamodule.stages]}
-    data_info = {"seq_len": cfg.data.seq_len, "val_sources": datamodule.val_sources,
-                 "val_bytes_per_token": {s: manifest.bytes_per_token(s, "val") for s in datamodule.val_sources},
-                 "data_sha256": manifest.data_sha256, "tokenizer_sha256": manifest.tokenizer_sha256}
-    special = {k: manifest.raw[k] for k in ("eos_token_id", "pad_token_id") if manifest.raw.get(k) is not None}
-    if "eos_token_id" in special:
-        special["bos_token_id"] = special["eos_token_id"]  # documents are separated (not opened) by EOS
-    module = CausalLMModule(arch=resolved["arch"], size=resolved["size"], optim=resolved["optim"],
-                            scheduler=resolved["scheduler"], train=resolved["train"], schedule=schedule,
-                            data_info=data_info, config_overrides=special, init_from=cfg.init_from)
+        flops_per_token, peak, peak_source = flops_and_peak(module.config, cfg.data.seq_len, precision)
+        trainer.callbacks.append(Throughput(flops_per_token, peak, window=max(1, min(10, total_steps // 4))))
+        trainer.callbacks.append(TrainClock())
+        trainer.callbacks.append(StageEnd(run_dir, stage_names, bounds, manifest.tokenizer_dir, cfg.train.export_hf))
+        if cfg.callbacks.energy in (True, "auto"):
+            try:
+                trainer.callbacks.append(Energy(run_dir))
+            except ImportError:
+                if cfg.callbacks.energy is True:
+                    raise LabError("callbacks.energy=true needs codecarbon: pip install codecarbon") from None
 
-    flops_per_token, peak, peak_source = flops_and_peak(module.config, cfg.data.seq_len, precision)
-    trainer.callbacks.append(Throughput(flops_per_token, peak, window=max(1, min(10, total_steps // 4))))
-    trainer.callbacks.append(TrainClock())
-    trainer.callbacks.append(StageEnd(run_dir, stage_names, bounds, manifest.tokenizer_dir, cfg.train.export_hf))
-    if cfg.callbacks.energy in (True, "auto"):
-        try:
-            trainer.callbacks.append(Energy(run_dir))
-        except ImportError:
-            if cfg.callbacks.energy is True:
-                raise LabError("callbacks.energy=true needs codecarbon: pip install codecarbon") from None
+        if trainer.is_global_zero:
+            peak_info = {"throughput/peak_tflops": f"{peak / 1e12:.4g}" if peak else "unknown",
+                         "throughput/peak_source": peak_source}
+            _log_run_inputs(logger, cfg, resolved, run_dir, manifest, module, flops_per_token, total_steps, datamodule,
+                            peak_info)
+        log.info("training %s (%s params) for %d steps over stages %s", cfg.arch_name, f"{module.params.total:,}",
+                 total_steps, dict(zip(stage_names, datamodule.stage_steps())))
 
-    if trainer.is_global_zero:
-        peak_info = {"throughput/peak_tflops": f"{peak / 1e12:.4g}" if peak else "unknown",
-                     "throughput/peak_source": peak_source}
-        _log_run_inputs(logger, cfg, resolved, run_dir, manifest, module, flops_per_token, total_steps, datamodule,
-                        peak_info)
-    log.info("training %s (%s params) for %d steps over stages %s", cfg.arch_name, f"{module.params.total:,}",
-             total_steps, dict(zip(stage_names, datamodule.stage_steps())))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if module.stop_reason:
+            trainer.save_checkpoint(checkpoints / "guard-stop.ckpt")
+            logger.experiment.set_tag(logger.run_id, "stopped_by", "loss_guard")
+            raise LabError(f"{module.stop_reason}. Checkpoint: {checkpoints / 'guard-stop.ckpt'}")
 
-    if module.stop_reason:
-        trainer.save_checkpoint(checkpoints / "guard-stop.ckpt")
-        logger.experiment.set_tag(logger.run_id, "stopped_by", "loss_guard")
-        raise LabError(f"{module.stop_reason}. Checkpoint: {checkpoints / 'guard-stop.ckpt'}")
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if module.last_val_step != trainer.global_step:
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # the objective is always measured at the end
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        if trainer.is_global_zero:
+            if cfg.train.export_hf:
+                export_hf(module.model, run_dir / "hf", manifest.tokenizer_dir)
+                logger.experiment.log_artifacts(logger.run_id, str(run_dir / "hf"), artifact_path="hf")
+            logger.experiment.set_tag(logger.run_id, "run_dir", str(run_dir))
+        logger.finalize("success")
+        return {"run_id": logger.run_id, "metrics": metrics, "run_dir": run_dir, "module": module}
+    except BaseException as err:
+        end_run_after_failure(logger, err)
+        raise
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    if module.last_val_step != trainer.global_step:
-        trainer.validate(module, datamodule=datamodule, verbose=False)  # the objective is always measured at the end
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
-    if trainer.is_global_zero:
-        if cfg.train.export_hf:
-            export_hf(module.model, run_dir / "hf", manifest.tokenizer_dir)
-            logger.experiment.log_artifacts(logger.run_id, str(run_dir / "hf"), artifact_path="hf")
-        logger.experiment.set_tag(logger.run_id, "run_dir", str(run_dir))
-    logger.finalize("success")
-    return {"run_id": logger.run_id, "metrics": metrics, "run_dir": run_dir, "module": module}
+
+def end_run_after_failure(logger: MLFlowLogger, err: BaseException) -> None:
+    """A start or a fit that failed ends its MLflow run FAILED (KILLED when interrupted), never RUNNING: a run
+    left RUNNING shadows the real run of the same name in every later search."""
+    status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+    try:
+        client = logger.experiment
+        if client.get_run(logger.run_id).info.status == "RUNNING":
+            client.set_terminated(logger.run_id, status)
+    except Exception as mlflow_err:  # noqa: BLE001 - the original error is the one to report
+        log.warning("could not mark MLflow run %s %s: %s", logger.run_id, status, mlflow_err)
 
 
 def _log_run_inputs(logger: MLFlowLogger, cfg: DictConfig, resolved: dict[str, Any], run_dir: Path, manifest: Any,
@@ -328,12 +332,11 @@ def main(cfg: DictConfig) -> float:
     warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
     try:
         result = train(cfg)
-    except LabError as err:
+    except Exception as err:  # noqa: BLE001 - the one exit path (lab.exit_with)
         if HydraConfig.get().mode.name == "MULTIRUN":
-            log.error("%s", err)
+            report_job_failure(err, log)
             raise  # let the sweep record the failure
-        log_to_files(log, logging.ERROR, str(err))
-        sys.exit(f"error: {err}")
+        exit_with(err, log)
     value = objective_value(result, cfg.objective)
     log.info("%s = %.4f (MLflow run %s)", cfg.objective, value, result["run_id"])
     return value

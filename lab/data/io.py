@@ -7,6 +7,7 @@ record with a short reason code, never an exception; only a missing path is an e
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
@@ -66,16 +67,25 @@ class SourceSpec:
         if self.kind == "jsonl":
             if self.path.is_file():
                 return [self.path]
-            files = sorted(p for p in self.path.rglob("*") if p.is_file() and p.name.endswith(JSONL_SUFFIXES))
+            files = sorted(p for p in self._walk() if p.name.endswith(JSONL_SUFFIXES))
             if not files:
                 raise LabError(f"source {self.name!r}: no {'/'.join(JSONL_SUFFIXES)} files under {self.path}")
             return files
         if not self.path.is_dir():
             raise LabError(f"source {self.name!r} (kind txt_dir): {self.path} is not a folder")
-        files = sorted(self.path.rglob("*.txt"))
+        files = sorted(p for p in self._walk() if p.name.endswith(".txt"))
         if not files:
             log.warning("source %r: no .txt files under %s", self.name, self.path)
         return files
+
+    def _walk(self) -> list[Path]:
+        """Every file under the source folder; a folder the OS will not list is an error, not fewer documents."""
+        def refuse(err: OSError) -> None:
+            raise LabError(f"source {self.name!r}: cannot list {err.filename}: {err.strerror or err}; fix its "
+                           "permissions and re-run") from None
+
+        return [Path(root) / name for root, _, names in os.walk(self.path, onerror=refuse, followlinks=True)
+                for name in names if (Path(root) / name).is_file()]
 
     def relative(self, path: Path) -> str:
         """A file's name as recorded in ids and examples: relative to the source path."""
@@ -118,39 +128,104 @@ class _Counting(io.RawIOBase):
 
 
 def open_text_stream(path: Path, on_bytes: Callable[[int], None] | None = None) -> BinaryIO:
-    """A buffered binary stream of the decompressed file (by suffix), reporting on-disk bytes read."""
+    """A buffered binary stream of the decompressed file (by suffix), reporting on-disk bytes read.
+
+    UTF-16 text (told by its byte-order mark) is re-encoded as UTF-8, so it reads like the same file saved
+    as UTF-8. Opening is where the OS refuses (permission, missing): that raises OSError to the caller.
+    """
     raw = _Counting(open(path, "rb", buffering=0), on_bytes)
     if path.name.endswith(".gz"):
-        return io.BufferedReader(gzip.GzipFile(fileobj=io.BufferedReader(raw, 1 << 20), mode="rb"), 1 << 20)
-    if path.name.endswith(".zst"):
+        stream: BinaryIO = io.BufferedReader(gzip.GzipFile(fileobj=io.BufferedReader(raw, 1 << 20), mode="rb"), 1 << 20)
+    elif path.name.endswith(".zst"):
         reader = zstandard.ZstdDecompressor().stream_reader(io.BufferedReader(raw, 1 << 20), read_across_frames=True)
-        return io.BufferedReader(reader, 1 << 20)
-    return io.BufferedReader(raw, 1 << 20)
+        stream = io.BufferedReader(reader, 1 << 20)
+    else:
+        stream = io.BufferedReader(raw, 1 << 20)
+    if stream.peek(2)[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        return _Utf16AsUtf8(stream)  # type: ignore[return-value]
+    return stream
 
 
-# Errors a damaged compressed stream raises mid-read.
-_STREAM_ERRORS = (EOFError, OSError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile)
+class _Utf16AsUtf8(io.RawIOBase):
+    """A UTF-16 byte stream read as UTF-8 bytes, line by line (readline is all the JSONL reader needs)."""
+
+    def __init__(self, stream: BinaryIO):
+        self.text = io.TextIOWrapper(stream, encoding="utf-16", newline="")
+        self.pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readline(self, size: int = -1) -> bytes:  # type: ignore[override]
+        if not self.pending:
+            self.pending = self.text.readline().encode("utf-8", errors="surrogatepass")
+        cut = len(self.pending) if size is None or size < 0 else size
+        line, self.pending = self.pending[:cut], self.pending[cut:]
+        return line
+
+    def close(self) -> None:
+        self.text.close()
+        super().close()
+
+
+# Errors a damaged compressed stream raises mid-read (an OSError with an errno is the OS refusing instead).
+_STREAM_ERRORS = (EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile, UnicodeDecodeError)
+
+
+def os_refused(path: Path, err: OSError) -> LabError:
+    """The OS refusing to read an input (permission, I/O error, a vanished file): an error, never a skip."""
+    return LabError(f"cannot read {path}: {err.strerror or err}; fix the file or its permissions and re-run "
+                    "(no document of it was counted)")
+
+
+def _lines(line: bytes) -> list[bytes]:
+    """A raw JSONL line split at bare carriage returns too (old Mac line ends): JSON text cannot hold a raw CR,
+    so a CR not followed by LF always ends a record. CRLF stays one line end."""
+    if b"\r" not in line:
+        return [line]
+    pieces = line.replace(b"\r\n", b"\n").split(b"\r")
+    return [piece + b"\n" for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
 
 
 def iter_jsonl(spec: SourceSpec, path: Path, max_bytes: int,
                on_bytes: Callable[[int], None] | None = None) -> Iterator[RawRecord]:
-    """Every line of one JSONL file as a record; an overlong line is skipped without reading it whole."""
+    """Every line of one JSONL file as a record; an overlong line is skipped without reading it whole.
+
+    A damaged compressed file keeps every record read before the damage and records a `truncated_stream`
+    note (manifest file_notes); the OS refusing to read it is a LabError.
+    """
     name = spec.relative(path)
     line_no = 0
     try:
-        with open_text_stream(path, on_bytes) as stream:
+        stream = open_text_stream(path, on_bytes)
+    except _STREAM_ERRORS as err:
+        log.warning("%s: unreadable from the start (%s); the whole file is skipped", path, err)
+        yield RawRecord(name, 1, None, "truncated_stream", is_doc=False)
+        return
+    except OSError as err:
+        raise os_refused(path, err) from None
+    try:
+        with stream:
+            first = True
             while line := stream.readline(max_bytes + 1):
-                line_no += 1
                 if len(line) > max_bytes and not line.endswith(b"\n"):
+                    line_no += 1
                     while (rest := stream.readline(1 << 20)) and not rest.endswith(b"\n"):
                         pass
                     yield RawRecord(name, line_no, None, "line_too_long")
                     continue
-                yield RawRecord(name, line_no, line)
+                if first:
+                    line, first = line.removeprefix(codecs.BOM_UTF8), False
+                for piece in _lines(line):
+                    line_no += 1
+                    yield RawRecord(name, line_no, piece)
     except _STREAM_ERRORS as err:
-        log.warning("%s: unreadable after line %d (%s); the rest of the file is skipped", path, line_no, err)
+        log.warning("%s: unreadable after line %d (%s); the rest of the file is skipped and recorded in the "
+                    "manifest (file_notes)", path, line_no, err)
         yield RawRecord(name, line_no + 1, None, "truncated_stream", is_doc=False)
         return
+    except OSError as err:
+        raise os_refused(path, err) from None
     if line_no == 0:
         yield RawRecord(name, 0, None, "empty_file", is_doc=False)
 
@@ -164,9 +239,7 @@ def iter_txt(spec: SourceSpec, path: Path, max_bytes: int,
             payload = handle.read(max_bytes + 1)
         size = path.stat().st_size
     except OSError as err:
-        log.warning("%s: unreadable (%s)", path, err)
-        yield RawRecord(name, 0, None, "unreadable")
-        return
+        raise os_refused(path, err) from None
     if on_bytes:
         on_bytes(size)
     if len(payload) > max_bytes:
@@ -203,6 +276,11 @@ def parse_record(record: RawRecord, spec: SourceSpec) -> Parsed | str:
     assert record.payload is not None
     location = f"{record.file}:{record.line}" if record.line else record.file
     if spec.kind == "txt_dir":
+        if record.payload[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            try:  # the same book saved as UTF-16: the same text
+                return Parsed(record.file, record.payload.decode("utf-16").removeprefix("\ufeff"))
+            except UnicodeDecodeError:
+                pass
         try:
             return Parsed(record.file, record.payload.decode("utf-8").removeprefix("\ufeff"))
         except UnicodeDecodeError:

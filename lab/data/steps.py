@@ -140,10 +140,10 @@ class StepStore:
 
 
 @contextlib.contextmanager
-def run_lock(folder: Path) -> Iterator[None]:
+def run_lock(lock_file: Path, folder: Path) -> Iterator[None]:
     """One lab.prepare per prepared folder at a time (two would rename over each other's work)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / ".lock", "w")
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_file, "w")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

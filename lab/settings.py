@@ -1,0 +1,249 @@
+"""Typed, validated views of the config nodes lab.train reads, parsed once before anything starts.
+
+Defaults live in the YAML only (conf/): a field here has a type and a range, never a default, so a key the
+YAML lost is an error, not a silent fallback. `TrainSettings.from_config(cfg)` checks every value and raises
+one LabError line naming the dotted key, the value and what is allowed — before the MLflow run is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, get_args
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lab import LabError
+
+Check = Callable[[Any, str], Any]
+
+
+def _bad(key: str, value: Any, allowed: str) -> LabError:
+    return LabError(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def integer(minimum: int | None = None, *, allow: tuple[Any, ...] = ()) -> Check:
+    def check(value: Any, key: str) -> Any:
+        if value in allow and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+            extra = f" or {' / '.join(map(str, allow))}" if allow else ""
+            raise _bad(key, value, f"an integer{f' >= {minimum}' if minimum is not None else ''}{extra}")
+        return value
+    return check
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False, optional: bool = False) -> Check:
+    def check(value: Any, key: str) -> Any:
+        if value is None and optional:
+            return None
+        ok = _is_number(value)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            bounds = ("(" if low_open else "[") + f"{low if low is not None else '-inf'}, " \
+                     f"{high if high is not None else 'inf'}" + (")" if high_open or high is None else "]")
+            what = "a positive number" if low == 0 and low_open and high is None else f"a number in {bounds}"
+            raise _bad(key, value, what + (" or null" if optional else ""))
+        return float(value)
+    return check
+
+
+def choice(*options: Any) -> Check:
+    def check(value: Any, key: str) -> Any:
+        if isinstance(value, bool) and not any(isinstance(o, bool) for o in options):
+            raise _bad(key, value, f"one of {', '.join(map(str, options))}")
+        if value not in options:
+            raise _bad(key, value, f"one of {', '.join(map(str, options))}")
+        return value
+    return check
+
+
+def boolean(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(key, value, "true or false")
+    return value
+
+
+def text(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _bad(key, value, "a non-empty string")
+    return value
+
+
+def optional(check: Check) -> Check:
+    return lambda value, key: None if value is None else check(value, key)
+
+
+def betas(value: Any, key: str) -> tuple[float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise _bad(key, value, "two numbers in [0, 1), e.g. [0.9, 0.95]")
+    return tuple(number(0, 1, high_open=True)(v, f"{key}[{i}]") for i, v in enumerate(value))  # type: ignore
+
+
+def devices(value: Any, key: str) -> Any:
+    if value == "auto" or (isinstance(value, (list, tuple)) and value
+                           and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        return value
+    return integer(1, allow=(-1,))(value, key)
+
+
+def _precisions() -> tuple[str, ...]:
+    """Lightning's own list of precision values (Literal types nested in a Union), as strings."""
+    from lightning.fabric.connector import _PRECISION_INPUT
+
+    def flat(tp: Any) -> list[Any]:
+        args = get_args(tp)
+        return [leaf for arg in args for leaf in flat(arg)] if args else [tp]
+
+    return ("auto", *dict.fromkeys(str(v) for v in flat(_PRECISION_INPUT)))
+
+
+def field(check: Check) -> Any:
+    return dataclasses.field(metadata={"check": check})
+
+
+class Node:
+    """A frozen dataclass parsed from one config node: every field present and checked."""
+
+    @classmethod
+    def parse(cls, node: Any, prefix: str) -> Any:
+        if isinstance(node, (DictConfig, ListConfig)):
+            node = OmegaConf.to_container(node, resolve=True)
+        if not isinstance(node, Mapping):
+            raise LabError(f"{prefix} must be a mapping of settings, not {node!r}")
+        values = {}
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}.{f.name}"
+            if f.name not in node:
+                raise LabError(f"{key} is missing from the config (it has no default in code; restore it in conf/)")
+            check = f.metadata.get("check")
+            values[f.name] = check(node[f.name], key) if check else node[f.name]
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Optim(Node):
+    lr: float = field(number(0, low_open=True))
+    betas: tuple[float, float] = field(betas)
+    eps: float = field(number(0, low_open=True))
+    weight_decay: float = field(number(0))
+    fused: Any = field(choice("auto", True, False))
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheduler(Node):
+    name: str = field(choice("cosine", "wsd"))
+    warmup_fraction: float = field(number(0, 1))
+    warmup_tokens: float | None = field(number(0, low_open=True, optional=True))
+    min_lr_ratio: float = field(number(0, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class WsdScheduler(Scheduler):
+    decay_stage: str | None = field(optional(text))
+    decay_fraction: float = field(number(0, 1))
+    decay_shape: str = field(choice("linear", "cosine", "sqrt"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Guard(Node):
+    action: str = field(choice("skip", "stop"))
+    spike_factor: float = field(number(0, low_open=True))
+    warmup_steps: int = field(integer(0))
+    max_skips: int = field(integer(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Train(Node):
+    batch_size: int = field(integer(1))
+    val_batch_size: int = field(integer(1))
+    eval_every_steps: int = field(integer(1))
+    val_max_blocks: int | None = field(optional(integer(1)))
+    compile: bool = field(boolean)
+    attention: str = field(choice("auto", "sdpa", "eager", "flex_attention"))
+    activation_checkpointing: bool = field(boolean)
+    loss_chunk_size: int | None = field(optional(integer(1)))
+    guard: Guard = field(lambda node, key: Guard.parse(node, key))
+    export_hf: bool = field(boolean)
+    num_workers: int = field(integer(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer(Node):
+    devices: Any = field(devices)
+    num_nodes: int = field(integer(1))
+    precision: str = field(lambda value, key: choice(*_precisions())(str(value), key))
+    max_steps: int = field(integer(1, allow=(-1,)))
+    accumulate_grad_batches: int = field(integer(1))
+    gradient_clip_val: float | None = field(number(0, optional=True))
+    log_every_n_steps: int = field(integer(1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpointing(Node):
+    every_n_steps: int = field(integer(1))
+    keep_last: int = field(integer(-1))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    seed: int
+    seq_len: int
+    optim: Optim
+    scheduler: Scheduler
+    train: Train
+    trainer: Trainer
+    checkpoint: Checkpointing
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "TrainSettings":
+        """Check the composed lab.train config; raises one LabError line for the first bad value."""
+        scheduler_cls = WsdScheduler if cfg.scheduler.get("name") == "wsd" else Scheduler
+        return cls(seed=integer(0)(cfg.seed, "seed"),
+                   seq_len=integer(2)(cfg.data.seq_len, "data.seq_len"),
+                   optim=Optim.parse(cfg.optim, "optim"),
+                   scheduler=scheduler_cls.parse(cfg.scheduler, "scheduler"),
+                   train=Train.parse(cfg.train, "train"),
+                   trainer=Trainer.parse(cfg.trainer, "trainer"),
+                   checkpoint=Checkpointing.parse(cfg.callbacks.checkpoint, "callbacks.checkpoint"))
+
+
+# -- the other commands' key numeric knobs (checked where present; null keeps the command's own handling) --------
+
+_AUTO_OR_POSITIVE = integer(1, allow=("auto",))
+COMMAND_KNOBS: dict[str, dict[str, Check]] = {
+    "generate": {"max_new_tokens": integer(1), "temperature": number(0, low_open=True), "top_k": integer(0),
+                 "top_p": number(0, 1, low_open=True), "repetition_penalty": number(0, low_open=True),
+                 "num_return_sequences": integer(1), "seed": integer(0), "do_sample": boolean,
+                 "prepend_eos": boolean},
+    "evaluate": {"batch_size": integer(1), "seed": integer(0), "threads": integer(1), "max_blocks": _AUTO_OR_POSITIVE,
+                 "text_max_length": integer(2), "stride": integer(1), "efficiency.decode_prompt_length": integer(1),
+                 "efficiency.decode_tokens": integer(1), "efficiency.repeats": integer(1),
+                 "efficiency.warmup": integer(0), "bench.max_ppl_increase": number(0),
+                 "bench.min_decode_speedup": number(0, low_open=True),
+                 "bench.max_weight_memory_ratio": number(0, low_open=True)},
+    "quantize": {"variant_options.intx4wo.group_size": integer(1), "variant_options.int4wo.group_size": integer(1)},
+    "prepare": {"data.seq_len": integer(2), "tokenizer.vocab_size": integer(2), "prepare.workers": integer(1),
+                "prepare.batch_mb": number(0, low_open=True), "prepare.max_pending": integer(1),
+                "prepare.max_doc_mb": number(0, low_open=True)},
+}
+
+
+def check_knobs(cfg: Any, command: str) -> Any:
+    """Check `command`'s knobs of COMMAND_KNOBS in `cfg` (one LabError line for the first bad one); returns cfg,
+    so an entry point can wrap its job: run_or_exit(lambda c: job(check_knobs(c, "generate")), cfg, log)."""
+    for key, check in COMMAND_KNOBS[command].items():
+        value = OmegaConf.select(cfg, key, default=None) if isinstance(cfg, DictConfig) else cfg.get(key)
+        if value is not None:
+            check(value, key)
+    return cfg
