@@ -16,9 +16,17 @@ DEMO_DATA := tokenizer=bpe2k data.seq_len=64
 ARCH ?= llama_gqa
 BAKEOFF ?= arch_bakeoff
 EXPERIMENT ?= demo
+# make bakeoff LAUNCHER=local_parallel GPUS=8 | LAUNCHER=slurm (conf/hydra/launcher/); empty: one job after another
+LAUNCHER ?=
+GPUS ?= 2
+# make sweep-worker STORAGE=postgresql+psycopg://user@host:5432/optuna (one command per worker, any host)
+STORAGE ?=
+# make mlflow-server [MLFLOW_HOST=127.0.0.1 MLFLOW_PORT=5000 MLFLOW_BACKEND=... MLFLOW_ARTIFACTS=s3://...]
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-gpu demo test test-slow data data-sample train multirun sweep bakeoff compare \
+.PHONY: help setup setup-gpu demo test test-slow data data-sample train multirun sweep sweep-worker bakeoff curriculum mlflow-server compare \
         quantize eval bench-eval generate bench bench-data lint clean
 
 help: ## list the targets
@@ -63,9 +71,23 @@ multirun: setup ## all five archs as one Hydra multirun: make multirun ARGS="exp
 sweep: setup ## Optuna learning-rate sweep of one arch: make sweep ARCH=mamba2 [ARGS="size=tiny ..."]
 	$(PY) -m lab.train -m sweep=lr arch=$(ARCH) $(ARGS)
 
-bakeoff: setup ## five archs x seeds, one MLflow experiment: make bakeoff [BAKEOFF=arch_bakeoff_tiny]
-	$(PY) -m lab.train -m experiment=$(BAKEOFF) $(ARGS)
+sweep-worker: setup ## one worker of a shared Optuna study: make sweep-worker STORAGE=postgresql+psycopg://... ARCH=mamba2
+	@test -n "$(STORAGE)" || { echo "error: STORAGE is empty; give STORAGE=postgresql+psycopg://user@host:5432/db (the study's shared database)"; exit 1; }
+	$(PY) -m lab.launch init-storage '$(STORAGE)'
+	$(PY) -m lab.train -m sweep=lr arch=$(ARCH) 'hydra.sweeper.storage=$(STORAGE)' hydra.sweeper.n_jobs=1 $(ARGS)
+
+bakeoff: setup ## five archs x seeds, one MLflow experiment: make bakeoff [BAKEOFF=arch_bakeoff_tiny] [LAUNCHER=local_parallel GPUS=8]
+	LAB_GPUS=$(GPUS) $(PY) -m lab.train -m experiment=$(BAKEOFF) \
+	  $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(if $(filter local_parallel,$(LAUNCHER)),hydra.sweeper.max_batch_size=$(GPUS)) $(ARGS)
 	$(PY) -m lab.compare --experiment $(BAKEOFF)
+
+mlflow-server: setup ## MLflow tracking server on 127.0.0.1:5000 (MLFLOW_BACKEND=sqlite|postgresql URI, MLFLOW_ARTIFACTS=any URI)
+	MLFLOW_HOST=$(MLFLOW_HOST) MLFLOW_PORT=$(MLFLOW_PORT) bash scripts/mlflow_server.sh
+
+curriculum: setup ## curricula x seeds at equal tokens (tiny, CPU) from one prepare, then the table by curriculum
+	$(PY) -m lab.prepare $(DEMO_DATA)
+	$(PY) -m lab.train -m experiment=curriculum_study_tiny $(ARGS)
+	$(PY) -m lab.compare --experiment curriculum_study_tiny --by curriculum --latest-per-arch
 
 compare: setup ## table + plots from MLflow: make compare [EXPERIMENT=arch_bakeoff] [ARGS="--tag bakeoff=v1"]
 	$(PY) -m lab.compare --experiment $(EXPERIMENT) $(ARGS)

@@ -56,6 +56,9 @@ def run_or_exit(job: Callable[[Any], Any], cfg: Any, log: logging.Logger) -> Any
         exit_with(err, log)
 
 
+_ASK_FOR_TRACEBACK = "set LAB_DEBUG=1 or HYDRA_FULL_ERROR=1 for the traceback"
+
+
 def debug_requested() -> bool:
     return os.environ.get("LAB_DEBUG", "") not in ("", "0") or os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0")
 
@@ -84,8 +87,7 @@ def report_error(err: BaseException, log: logging.Logger) -> int:
     elif not expected:
         files = [h.baseFilename for h in log.handlers + logging.getLogger().handlers
                  if isinstance(h, logging.FileHandler) and h.baseFilename != os.devnull]
-        line += f" (traceback in {files[0]}; set LAB_DEBUG=1 to print it)" if files else \
-            " (set LAB_DEBUG=1 to print the traceback)"
+        line += f" (details in {files[0]}; {_ASK_FOR_TRACEBACK})" if files else f" ({_ASK_FOR_TRACEBACK})"
     print(f"error: {line}", file=sys.stderr, flush=True)
     return USER_ERROR_EXIT
 
@@ -100,7 +102,7 @@ def report_sweep_failure(exc_type: type[BaseException], err: BaseException, tb: 
     traceback is already in the failed job's log (on the console too with LAB_DEBUG=1 or HYDRA_FULL_ERROR=1)."""
     if debug_requested():
         traceback.print_exception(exc_type, err, tb)
-    where = "" if isinstance(err, LabError) else " (traceback in the failed job's log; set LAB_DEBUG=1 to print it)"
+    where = "" if isinstance(err, LabError) else f" (details in the failed job's log; {_ASK_FOR_TRACEBACK})"
     print(f"error: {error_line(err)}{where}", file=sys.stderr, flush=True)
 
 

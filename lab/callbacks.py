@@ -9,7 +9,7 @@ import signal
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -111,12 +111,39 @@ class StageEnd(L.Callback):
         if trainer.global_step != self.stage_bounds[index + 1]:
             return  # stopped early (max_steps, guard): the stage did not complete
         name = self.stage_names[index]
-        if self.export and trainer.is_global_zero:
-            export_hf(pl_module.model, self.output_dir / "hf_stages" / f"{index}-{name}", self.tokenizer_dir)
+        if self.export:
+            export_from_trainer(trainer, pl_module, self.output_dir / "hf_stages" / f"{index}-{name}",
+                                self.tokenizer_dir)
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "set_tag") and trainer.is_global_zero:
                 experiment.set_tag(logger.run_id, "stage_completed", name)
+
+
+class SourceTokens(L.Callback):
+    """`tokens/<stage>/<source>` and `tokens/<source>`: tokens trained per source, at each stage end and at the end.
+
+    Read off the curriculum's deterministic order (`counts(global_step)`), not counted batch by batch, so
+    they are exact across resumes and ranks.
+    """
+
+    def __init__(self, counts: Callable[[int], dict[str, float]]):
+        self.counts = counts
+        self._logged_step = -1
+
+    def _log(self, trainer: L.Trainer) -> None:
+        if not trainer.is_global_zero or trainer.global_step == self._logged_step:
+            return
+        self._logged_step = trainer.global_step
+        metrics = self.counts(trainer.global_step)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer)
 
 
 class StepLog(L.Callback):
@@ -162,11 +189,23 @@ class Energy(L.Callback):
                                step=trainer.global_step)
 
 
-def export_hf(model: torch.nn.Module, folder: Path, tokenizer_dir: Path | None) -> Path:
+def export_from_trainer(trainer: L.Trainer, pl_module: L.LightningModule, folder: Path,
+                        tokenizer_dir: Path | None) -> None:
+    """Export the trained model from every rank's call: the full weights are gathered first (a collective under
+    FSDP, where each rank holds a shard), then rank 0 saves them; the others wait, so none runs ahead."""
+    state = trainer.strategy.lightning_module_state_dict()
+    if trainer.is_global_zero:
+        weights = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
+        export_hf(pl_module.model, folder, tokenizer_dir, state_dict=weights)
+    trainer.strategy.barrier("export_hf")
+
+
+def export_hf(model: torch.nn.Module, folder: Path, tokenizer_dir: Path | None,
+              state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """save_pretrained (safetensors) + the tokenizer, so plain transformers loads and generates."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
 

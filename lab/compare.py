@@ -1,10 +1,10 @@
 """Compare runs from MLflow: one table row per arch (mean ± std over seeds), plots, a README.
 
-    python -m lab.compare --experiment arch_bakeoff [--tag bakeoff=v1] [--by arch|run] [--latest-per-arch]
+    python -m lab.compare --experiment arch_bakeoff [--tag bakeoff=v1] [--by arch|run|curriculum] [--latest-per-arch]
                           [--name NAME] [--out DIR] [--study NAME --storage URL] [--no-log]
 
 Reads the metrics the trainer logs (docs/CONTRACTS.md): final validation loss, bits-per-byte and
-perplexity per domain, parameters, tokens seen, FLOPs/token, throughput, MFU, peak memory, wall time
+perplexity per domain, forgetting per domain, tokens per source, parameters, tokens seen, FLOPs/token, throughput, MFU, peak memory, wall time
 and energy; plus `quant/<variant>/<metric>` from evaluation runs tagged `eval_of=<training run id>`,
 joined to the training run they evaluate. Writes table.md / table.csv / table.html and PNG plots to
 experiments/<date>_<name>/ with a README recording the command, filters and run ids, and logs the
@@ -38,6 +38,11 @@ KIND_TAG = "kind"                 # kind=compare: a run this module logged
 EVAL_OF_TAG = "eval_of"           # an evaluation (quantized variants) of the training run with that id
 PRUNED_TAG = "optuna_pruned_at_step"
 _VAL_DOMAIN = re.compile(r"^val/([^/]+)/(loss|bpb|ppl)$")
+_FORGETTING = re.compile(r"^val/([^/]+)/forgetting$")
+# tokens trained per source (tokens/<source>, in the table) and per stage (tokens/<stage>/<source>, CSV only)
+_SOURCE_TOKENS = re.compile(r"^tokens/([^/]+)$")
+_STAGE_TOKENS = re.compile(r"^tokens/([^/]+)/([^/]+)$")
+BY = ("arch", "run", "curriculum")  # rows: per arch, per run, or per curriculum (and arch, for a grid)
 # Evaluation metrics shown in the table (all `quant/...` metrics go to the CSV): perplexity per
 # source, size on disk, time to first token.
 _QUANT_SHOWN = re.compile(r"^quant/(?P<variant>[^/]+)/(?:val/(?P<source>[^/]+)/ppl|size_mb|ttft_ms_(?P<len>\d+))$")
@@ -113,6 +118,15 @@ class RunData:
     def seed(self) -> str:
         return self.run.data.tags.get("seed") or self.run.data.params.get("seed", "")
 
+    @property
+    def curriculum(self) -> str:
+        return run_curriculum(self.run)
+
+
+def run_curriculum(run: Run) -> str:
+    """The curriculum a run trained under (tag, else param); runs from before curricula: `?`."""
+    return run.data.tags.get("curriculum") or run.data.params.get("curriculum.name") or "?"
+
 
 def find_experiment(client: MlflowClient, name: str, uri: str):
     experiment = client.get_experiment_by_name(name)
@@ -167,9 +181,9 @@ def select_runs(runs: Sequence[Run], eval_runs: Sequence[Run] = (), include_unfi
         seen: set[tuple[str, str]] = set()
         kept = []
         for run in train:
-            key = (run.data.tags.get("arch", ""), run.data.tags.get("seed", ""))
+            key = (run.data.tags.get("arch", ""), run_curriculum(run), run.data.tags.get("seed", ""))
             if key in seen:
-                skipped.append((run, "an older run of the same arch and seed (--latest-per-arch)"))
+                skipped.append((run, "an older run of the same arch, curriculum and seed (--latest-per-arch)"))
             else:
                 seen.add(key)
                 kept.append(run)
@@ -214,6 +228,8 @@ def _number(text: Any) -> float | None:
 def collect(client: MlflowClient, selection: Selection) -> tuple[list[RunData], list[Column]]:
     """Per-run values of every column, and the columns that at least one run has."""
     domains: set[str] = set()
+    forgetting: set[str] = set()
+    token_keys: set[str] = set()
     quant_keys: set[str] = set()
     data = []
     for run in selection.train:
@@ -237,6 +253,12 @@ def collect(client: MlflowClient, selection: Selection) -> tuple[list[RunData], 
             match = _VAL_DOMAIN.match(key)
             if match:
                 domains.add(match.group(1))
+                values[key] = value
+            elif _FORGETTING.match(key):
+                forgetting.add(key)
+                values[key] = value
+            elif _SOURCE_TOKENS.match(key) or _STAGE_TOKENS.match(key):
+                token_keys.add(key)
                 values[key] = value
         # steady-state rates: the median over logging windows, not one noisy last window
         for key, name in (("throughput/tokens_per_s", "tokens_per_s"), ("throughput/mfu", "mfu")):
@@ -262,6 +284,7 @@ def collect(client: MlflowClient, selection: Selection) -> tuple[list[RunData], 
         Column("params_total", "params", "count"),
         Column("params_non_embedding", "non-emb params", "count"),
         Column("tokens_seen", "tokens", "count"),
+        *[Column(k, f"{k.split('/', 1)[1]} tokens", "count") for k in sorted(token_keys) if _SOURCE_TOKENS.match(k)],
         Column("flops_per_token", "FLOPs/token", "sci"),
         Column("val_loss", "val loss", "loss"),
         Column("ppl", "ppl", "ppl"),
@@ -270,6 +293,9 @@ def collect(client: MlflowClient, selection: Selection) -> tuple[list[RunData], 
         columns += [Column(f"val/{domain}/loss", f"{domain} loss", "loss"),
                     Column(f"val/{domain}/bpb", f"{domain} bpb", "loss"),
                     Column(f"val/{domain}/ppl", f"{domain} ppl", "ppl")]
+    # how much a domain's loss rose after the last stage that trained mainly on it (lab/module.py)
+    columns += [Column(k, f"{_FORGETTING.match(k).group(1)} forgetting", "loss") for k in sorted(forgetting)]
+    columns += [Column(k, k, "count", in_table=False) for k in sorted(token_keys) if _STAGE_TOKENS.match(k)]
     columns += [
         Column("tokens_per_s", "tokens/s", "rate"),
         Column("mfu", "MFU", "pct"),
@@ -328,11 +354,20 @@ def mixed_settings(items: Sequence[RunData]) -> list[str]:
                   and len({p.get(k) for p in params}) > 1)
 
 
+def _group_key(item: RunData, by: str) -> tuple[str, ...]:
+    if by == "arch":
+        return (item.arch,)
+    if by == "curriculum":  # an arch x curriculum grid keeps one row per pair
+        return (item.curriculum, item.arch)
+    return (item.run_id,)
+
+
 def build_rows(data: Sequence[RunData], columns: Sequence[Column], by: str = "arch") -> list[Row]:
-    """Rows by arch (mean ± sample std over its runs) or one per run; best objective first."""
-    groups: dict[str, list[RunData]] = defaultdict(list)
+    """Rows by arch or by curriculum (and arch), mean ± sample std over their runs, or one per run; best
+    objective first."""
+    groups: dict[tuple[str, ...], list[RunData]] = defaultdict(list)
     for item in data:
-        groups[item.arch if by == "arch" else item.run_id].append(item)
+        groups[_group_key(item, by)].append(item)
     rows = []
     for key, items in groups.items():
         mean, std = {}, {}
@@ -340,8 +375,8 @@ def build_rows(data: Sequence[RunData], columns: Sequence[Column], by: str = "ar
             values = [v for v in (i.values.get(column.key) for i in items) if v is not None and math.isfinite(v)]
             mean[column.key] = statistics.fmean(values) if values else None
             std[column.key] = statistics.stdev(values) if len(values) > 1 else None
-        label = key if by == "arch" else f"{items[0].name} ({items[0].run_id[:8]})"  # sweep runs share names
-        mixed = mixed_settings(items) if by == "arch" and len(items) > 1 else []
+        label = key[0] if by != "run" else f"{items[0].name} ({items[0].run_id[:8]})"  # sweep runs share names
+        mixed = mixed_settings(items) if by != "run" and len(items) > 1 else []
         rows.append(Row(label, items[0].arch, list(items), mean, std, mixed))
     rows.sort(key=lambda r: (r.mean["objective"] is None, r.mean["objective"] or 0.0, r.label))
     return rows
@@ -358,12 +393,14 @@ def cell(row: Row, column: Column) -> str:
 
 
 def _header(by: str) -> list[str]:
-    return ["arch", "runs"] if by == "arch" else ["run", "arch", "seed"]
+    return {"arch": ["arch", "runs"], "curriculum": ["curriculum", "arch", "runs"]}.get(by, ["run", "arch", "seed"])
 
 
 def _identity(row: Row, by: str) -> list[str]:
     if by == "arch":
         return [row.label, str(len(row.runs))]
+    if by == "curriculum":
+        return [row.label, row.arch, str(len(row.runs))]
     return [row.label, row.arch, row.runs[0].seed]
 
 
@@ -454,13 +491,22 @@ def plot_val_loss(data: Sequence[RunData], by: str, path: Path) -> Path | None:
     keys = [k for k in keys if any(d.history.get(k) for d in data)]
     if not keys:
         return None
-    colors = group_colors({d.arch if by == "arch" else d.name for d in data})
+    several_archs = len({d.arch for d in data}) > 1
+
+    def group_of(item: RunData) -> str:
+        if by == "curriculum":
+            return f"{item.curriculum} · {item.arch}" if several_archs else item.curriculum
+        return item.arch if by == "arch" else item.name
+
+    colors = group_colors({group_of(d) for d in data})
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2), squeeze=False)
     use_tokens = all(_tokens_at(d, [0]) is not None for d in data)
-    boundaries = sorted({x for item in data for x in _stage_starts(item, use_tokens)})
+    # curriculum stage changes of every run (one line where budgets match); per curriculum in its colour
+    boundaries = sorted({(x, group_of(item) if by == "curriculum" else "") for item in data
+                         for x in _stage_starts(item, use_tokens)})
     for ax, key in zip(axes[0], keys):
-        for x in boundaries:  # curriculum stage changes of every run (one line where budgets match)
-            ax.axvline(x, color="grey", ls="--", lw=0.8)
+        for x, group in boundaries:
+            ax.axvline(x, color=colors[group] if group else "grey", ls="--", lw=0.8, alpha=0.7 if group else 1.0)
         labelled = set()
         for item in data:
             points = item.history.get(key)
@@ -468,7 +514,7 @@ def plot_val_loss(data: Sequence[RunData], by: str, path: Path) -> Path | None:
                 continue
             steps, values = zip(*points)
             xs = _tokens_at(item, steps) if use_tokens else list(steps)
-            group = item.arch if by == "arch" else item.name
+            group = group_of(item)
             ax.plot(xs, values, color=colors[group], alpha=0.85, lw=1.4, marker="o", ms=2.5,
                     label=None if group in labelled else group)
             labelled.add(group)
@@ -606,10 +652,10 @@ def compare(experiment: str, tags: Mapping[str, str] | None = None, *, by: str =
             include_unfinished: bool = False, name: str | None = None, out_dir: Path | None = None,
             uri: str | None = None, study: str | None = None, storage: str | None = None,
             log_to_mlflow: bool = True, command: str | None = None, today: dt.date | None = None) -> Comparison:
-    if by not in ("arch", "run"):
-        raise LabError(f"--by {by!r}: expected arch or run")
+    if by not in BY:
+        raise LabError(f"--by {by!r}: expected one of {', '.join(BY)}")
     tags = dict(tags or {})
-    uri = uri or tracking_uri()  # an explicit URI beats $MLFLOW_TRACKING_URI
+    uri = tracking_uri(uri)  # one rule (lab/tracking.py): --tracking-uri, $MLFLOW_TRACKING_URI, project store
     client = MlflowClient(uri)
     exp = find_experiment(client, experiment, uri)
     runs = search_runs(client, exp.experiment_id, tags)
@@ -618,7 +664,7 @@ def compare(experiment: str, tags: Mapping[str, str] | None = None, *, by: str =
     if not selection.train:
         raise LabError(_empty_message(client, exp.experiment_id, experiment, tags, selection))
     data, columns = collect(client, selection)
-    if by == "arch":
+    if by != "run":
         columns = [c for c in columns if c.key not in ("trial", "pruned_at_step")]  # per-run facts
     rows = build_rows(data, columns, by)
 
@@ -677,10 +723,17 @@ def _readme(experiment: str, name: str, uri: str, tags: Mapping[str, str], by: s
              "```", command or f"python -m lab.compare --experiment {experiment}", "```", "",
              f"- tracking URI: `{uri}`", f"- experiment: `{experiment}`",
              f"- tag filters: {', '.join(f'`{k}={v}`' for k, v in tags.items()) or 'none'}",
-             f"- rows: one per {by}" + (" (newest run per arch and seed)" if latest else "")
+             f"- rows: one per {'curriculum and arch' if by == 'curriculum' else by}"
+             + (" (newest run per arch, curriculum and seed)" if latest else "")
              + "; cells are mean ± sample std over the runs when they differ",
              "- values: final validation metrics (or at early stop), median throughput/MFU over logging windows,"
-             " wall time inside the training loops summed over resumes (`time/train_s`)", "", "## Table", "", markdown, ""]
+             " wall time inside the training loops summed over resumes (`time/train_s`)",
+             "- `<domain> forgetting`: that domain's final loss minus its loss at the end of the last stage that "
+             "trained mainly on it (higher: more forgotten; empty: no later stage); `<source> tokens`: tokens "
+             "trained from that source", "", "## Table", "", markdown, ""]
+    budget_note = unequal_budgets(rows, by)
+    if budget_note:
+        lines += [f"**Caution:** {budget_note}.", ""]
     for row in rows:
         if row.mixed:
             lines += [f"**Caution:** the {len(row.runs)} {row.label} runs averaged differ in more than the seed: "
@@ -704,6 +757,16 @@ def _readme(experiment: str, name: str, uri: str, tags: Mapping[str, str], by: s
     if selection.skipped:
         lines += ["", "Skipped:", *(f"- `{r.info.run_id}` ({r.info.run_name}): {why}" for r, why in selection.skipped)]
     return "\n".join(lines) + "\n"
+
+
+def unequal_budgets(rows: Sequence[Row], by: str) -> str | None:
+    """Curricula compare orders and mixtures: say so when their rows did not train on the same tokens."""
+    budgets = {r.label: r.mean.get("tokens_seen") for r in rows if r.mean.get("tokens_seen") is not None}
+    if by != "curriculum" or len(set(budgets.values())) < 2:
+        return None
+    shown = ", ".join(f"{label} {_count(tokens)}" for label, tokens in budgets.items())
+    return (f"the curricula trained on different token budgets ({shown}); compare them at equal tokens with "
+            "curriculum.total_tokens (experiment=curriculum_study)")
 
 
 def _log_compare_run(client: MlflowClient, experiment_id: str, name: str, tags: Mapping[str, str], by: str,
@@ -730,10 +793,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--experiment", required=True, help="MLflow experiment name (e.g. arch_bakeoff)")
     parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                         help="keep runs with this tag (repeatable), e.g. --tag bakeoff=v1")
-    parser.add_argument("--by", choices=("arch", "run"), default="arch",
-                        help="one row per arch (mean ± std over seeds) or per run (sweeps)")
+    parser.add_argument("--by", choices=BY, default="arch",
+                        help="one row per arch (mean ± std over seeds), per run (sweeps), or per curriculum "
+                             "(and arch: an arch x curriculum grid)")
     parser.add_argument("--latest-per-arch", action="store_true",
-                        help="only the newest finished run of each arch and seed (re-run demos)")
+                        help="only the newest finished run of each arch, curriculum and seed (re-run demos)")
     parser.add_argument("--include-unfinished", action="store_true", help="also running/failed/killed runs")
     parser.add_argument("--name", help="output name (default: experiment and tag values)")
     parser.add_argument("--out", type=Path, help="output folder (default: experiments/<date>_<name>)")
@@ -764,6 +828,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if row.mixed:
             print(f"caution: the {len(row.runs)} {row.label} runs averaged differ in more than the seed: "
                   f"{', '.join(row.mixed[:8])} (filter with --tag, or use --by run)")
+    budget_note = unequal_budgets(result.rows, args.by)
+    if budget_note:
+        print(f"caution: {budget_note}")
     print(f"wrote {', '.join(p.name for p in result.files)} to {result.out_dir}")
     if result.compare_run_id:
         print(f"logged to MLflow run {result.compare_run_id}")

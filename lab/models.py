@@ -219,8 +219,9 @@ def check_plain_values(node: Mapping[str, Any], where: str) -> dict[str, Any]:
 def check_field_limits(fields: Mapping[str, Any], where: str) -> None:
     for key, limit in FILE_FIELD_LIMITS.items():
         value = fields.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit):
-            raise LabError(f"{where}: {key}={value!r} is out of range (an integer from 0 to {limit:,})")
+        # zero widths or head counts would only fail later, as a division by zero deep inside transformers
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit):
+            raise LabError(f"{where}: {key}={value!r} is out of range (an integer from 1 to {limit:,})")
 
 
 def config_from_record(arch: Any, size: Any = None, overrides: Any = None, where: str = "checkpoint"
@@ -237,6 +238,7 @@ def config_from_record(arch: Any, size: Any = None, overrides: Any = None, where
         raise LabError(f"{where}: arch _target_ {target!r} is not one of the lab's config classes "
                        f"({', '.join(sorted(classes))})")
     size = check_plain_values(size or {}, f"{where}: hyper_parameters.size")
+    check_size_knobs(size, f"{where}: hyper_parameters.size")
     overrides = check_plain_values(overrides or {}, f"{where}: hyper_parameters.config_overrides")
     unknown = sorted(set(overrides) - config_fields(classes[target]))
     if unknown:
@@ -245,15 +247,40 @@ def config_from_record(arch: Any, size: Any = None, overrides: Any = None, where
         config = build_config(arch, size, **overrides)
     except LabError as err:
         raise LabError(f"{where}: {err}") from None
-    except (TypeError, ValueError, KeyError, ZeroDivisionError, ArithmeticError) as err:
+    except (TypeError, ValueError, LookupError, ArithmeticError, AttributeError) as err:
         raise LabError(f"{where}: the model config it records is not valid: {type(err).__name__}: {err}") from None
     check_field_limits(config.to_dict(), f"{where}: the resized config")
     check_param_budget(config, where)
     return config
 
 
+def check_size_knobs(size: Mapping[str, Any], where: str) -> None:
+    """The preset knobs that are not config fields, bounded: a crafted target_params would keep lab.sizing's shape
+    search busy for hours, a huge min_layers would build a giant model."""
+    from lab.sizing import BASES
+
+    def number(key: str, low: float, high: float, integer: bool = False) -> None:
+        value = size.get(key)
+        if value is None:
+            return
+        kind_ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+        if not (kind_ok and low <= value <= high):
+            raise LabError(f"{where}: {key}={value!r} is out of range (a{'n integer' if integer else ' number'} "
+                           f"from {low:g} to {high:g})")
+
+    number("target_params", 1, FILE_MAX_PARAMS)
+    number("depth_divisor", 1, FILE_FIELD_LIMITS["num_hidden_layers"])  # below 1 it would multiply the depth
+    number("min_layers", 0, FILE_FIELD_LIMITS["num_hidden_layers"], integer=True)
+    if size.get("target_basis") is not None and size["target_basis"] not in BASES:
+        raise LabError(f"{where}: target_basis={size['target_basis']!r} is not one of {', '.join(BASES)}")
+
+
 def check_param_budget(config: PretrainedConfig, where: str) -> None:
-    params = count_params_meta(config).total
+    try:
+        params = count_params_meta(config).total
+    except (TypeError, ValueError, LookupError, ArithmeticError, AttributeError, RuntimeError) as err:
+        raise LabError(f"{where}: the model config it records cannot be built: {type(err).__name__}: "
+                       f"{(str(err).splitlines() or [''])[0][:200]}") from None
     if params > FILE_MAX_PARAMS:
         raise LabError(f"{where}: the model it describes has {params:,} parameters, more than the "
                        f"{FILE_MAX_PARAMS:,.0f} this lab loads")
@@ -322,7 +349,7 @@ def read_json_file(path: Path, what: str) -> Any:
     except OSError as err:
         raise LabError(f"{what}: cannot read {path}: {err.strerror or err}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LabError(f"{what}: {path} is not valid JSON ({err}); the file is damaged or not an HF config") from None
+        raise LabError(f"{what}: {path} is not valid JSON ({err}); the file is damaged or not what it is named") from None
 
 
 def check_hf_folder(folder: Path, allowed_quant_types: set[str] | None = None) -> dict[str, Any]:
@@ -380,8 +407,9 @@ def check_tokenizer_folder(folder: Path) -> None:
         if name is not None and name not in FILE_TOKENIZER_CLASSES:
             raise LabError(f"{where}: tokenizer_class {name!r} is not the fast tokenizer the lab saves "
                            f"({', '.join(sorted(FILE_TOKENIZER_CLASSES))})")
-    if (folder / "tokenizer.json").is_file():
-        read_json_file(folder / "tokenizer.json", where)
+    # the fast tokenizer is tokenizer.json; without it transformers would try to convert a slow tokenizer
+    if not isinstance(read_json_file(folder / "tokenizer.json", where), dict):
+        raise LabError(f"{where}: tokenizer.json is not an object (the file is damaged or not a tokenizers file)")
 
 
 def load_tokenizer_folder(folder: Path) -> Any:
@@ -392,4 +420,6 @@ def load_tokenizer_folder(folder: Path) -> Any:
     try:
         return PreTrainedTokenizerFast.from_pretrained(folder, trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - tokenizers raises its own exception types for damaged files
-        raise LabError(f"tokenizer folder {folder} cannot be loaded: {type(err).__name__}: {err}") from None
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        raise LabError(f"tokenizer folder {folder} cannot be loaded ({type(err).__name__}: {first_line}); "
+                       "tokenizer.json is damaged or not a tokenizers file") from None

@@ -130,8 +130,18 @@ class CausalLMModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         norms = [p.grad.detach().norm(2) for p in self.parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm(2), on_step=True)
+        if not norms:
+            return
+        norm = torch.stack(norms).norm(2)
+        if self._grads_are_sharded():
+            # each rank holds a shard of every gradient: the global norm sums the squares over ranks
+            norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
+        self.log("train/grad_norm", norm, on_step=True)
+
+    def _grads_are_sharded(self) -> bool:
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        return self.trainer.world_size > 1 and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
 
     def on_train_batch_end(self, outputs: Any, batch: torch.Tensor, batch_idx: int) -> None:
         self.log("tokens_seen", float(self.global_step * self.tokens_per_step), on_step=True)

@@ -575,7 +575,10 @@ class Pipeline:
 
     def manifest(self, scan, dedup, tok, report, packed) -> dict[str, Any]:
         sources: dict[str, Any] = {}
-        files = {"tokenizer/tokenizer.json": tok["sha256"]}
+        # the whole tokenizer folder (AutoTokenizer reads its config and special tokens too), checked before training
+        files = {f"tokenizer/{path.name}": sha256_file(path)
+                 for path in sorted((self.s.prepared_dir / "tokenizer").iterdir()) if path.is_file()}
+        files["tokenizer/tokenizer.json"] = tok["sha256"]
         fertility: dict[str, Any] = {}
         for name, spec in self.s.sources.items():
             sc_, dd_, pk_ = scan["sources"][name], dedup["sources"][name], packed["sources"][name]
@@ -649,8 +652,10 @@ def run(cfg: DictConfig) -> Path:
             remove_stale_tmp(staging)
             remove_stale_tmp(staged.work_dir)
             manifest = Pipeline(staged).run()
+            # checked before the swap (never publish data that contradicts its own manifest); the verified.json
+            # this writes moves along, so the first training run only checks sizes
+            publish.verify_prepared(staging, "full", "re-run lab.prepare with the same overrides")
             publish.publish(staging, published)
-            publish.verify_prepared(published, "full", "re-run lab.prepare with the same overrides")
     except OSError as err:  # the OS refusing to write (full disk, read-only folder): one line, old data untouched
         raise LabError(f"cannot write {err.filename or published}: {err.strerror or err}; {published} still holds "
                        "its previous data (if any): free space or fix the permissions and re-run lab.prepare "

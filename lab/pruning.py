@@ -85,7 +85,9 @@ def fail_stale_trials(study: optuna.Study, mlflow_client: Any = None) -> list[in
     host = socket.gethostname()
     for trial in running.values():
         attrs = trial.user_attrs
-        if attrs.get("host") == host and process_is_gone(attrs.get("pid"), attrs.get("pid_started")):
+        # a job that ended waits for its sweeper's tell (another process with a parallel launcher): not stale
+        if attrs.get("host") == host and not attrs.get("job_ended") and \
+                process_is_gone(attrs.get("pid"), attrs.get("pid_started")):
             try:
                 study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
             except (RuntimeError, ValueError):  # finished meanwhile by its sweeper or another job
@@ -234,6 +236,11 @@ class OptunaPruning(L.Callback):
         if self.heartbeat is not None:
             self.heartbeat.stop()
             self.heartbeat = None
+        if self.trial is not None and stage == "fit":
+            try:
+                self.trial.set_user_attr("job_ended", True)
+            except Exception as err:  # noqa: BLE001 - the sweeper may already have told the trial
+                log.debug("optuna: job_ended not recorded: %s", err)
 
     def _attach(self, client: Any = None) -> optuna.Trial | None:
         if not self.storage or not self.study_name:

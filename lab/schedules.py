@@ -1,6 +1,6 @@
 """Learning-rate schedules as multipliers of the peak lr, computed from the step budget.
 
-Both shapes are derived from the token budget (data.stages -> optimizer steps), never from
+Both shapes are derived from the token budget (curriculum.stages -> optimizer steps), never from
 hard-coded step counts: the same config trains a tiny demo and the full 5.6B-token run.
 """
 

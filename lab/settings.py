@@ -39,6 +39,16 @@ def integer(minimum: int | None = None, *, allow: tuple[Any, ...] = ()) -> Check
     return check
 
 
+def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if low == 0 and low_open and high is None:
+        return "a positive number"
+    if high is None:
+        return f"a number {'>' if low_open else '>='} {low}" if low is not None else "a finite number"
+    if low is None:
+        return f"a number {'<' if high_open else '<='} {high}"
+    return f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
 def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
            high_open: bool = False, optional: bool = False) -> Check:
     def check(value: Any, key: str) -> Any:
@@ -50,10 +60,7 @@ def number(low: float | None = None, high: float | None = None, *, low_open: boo
         if ok and high is not None:
             ok = value < high if high_open else value <= high
         if not ok:
-            bounds = ("(" if low_open else "[") + f"{low if low is not None else '-inf'}, " \
-                     f"{high if high is not None else 'inf'}" + (")" if high_open or high is None else "]")
-            what = "a positive number" if low == 0 and low_open and high is None else f"a number in {bounds}"
-            raise _bad(key, value, what + (" or null" if optional else ""))
+            raise _bad(key, value, _range_text(low, high, low_open, high_open) + (" or null" if optional else ""))
         return float(value)
     return check
 
@@ -133,7 +140,7 @@ class Node:
 
 @dataclasses.dataclass(frozen=True)
 class Optim(Node):
-    lr: float = field(number(0, low_open=True))
+    lr: float = field(number(0))  # 0 is allowed: a run that only evaluates (or checks init_from) trains nothing
     betas: tuple[float, float] = field(betas)
     eps: float = field(number(0, low_open=True))
     weight_decay: float = field(number(0))
@@ -199,6 +206,7 @@ class Checkpointing(Node):
 class TrainSettings:
     seed: int
     seq_len: int
+    shuffle_seed: int
     optim: Optim
     scheduler: Scheduler
     train: Train
@@ -211,6 +219,7 @@ class TrainSettings:
         scheduler_cls = WsdScheduler if cfg.scheduler.get("name") == "wsd" else Scheduler
         return cls(seed=integer(0)(cfg.seed, "seed"),
                    seq_len=integer(2)(cfg.data.seq_len, "data.seq_len"),
+                   shuffle_seed=integer(0)(cfg.data.get("shuffle_seed"), "data.shuffle_seed"),
                    optim=Optim.parse(cfg.optim, "optim"),
                    scheduler=scheduler_cls.parse(cfg.scheduler, "scheduler"),
                    train=Train.parse(cfg.train, "train"),
@@ -222,10 +231,10 @@ class TrainSettings:
 
 _AUTO_OR_POSITIVE = integer(1, allow=("auto",))
 COMMAND_KNOBS: dict[str, dict[str, Check]] = {
-    "generate": {"max_new_tokens": integer(1), "temperature": number(0, low_open=True), "top_k": integer(0),
-                 "top_p": number(0, 1, low_open=True), "repetition_penalty": number(0, low_open=True),
-                 "num_return_sequences": integer(1), "seed": integer(0), "do_sample": boolean,
-                 "prepend_eos": boolean},
+    # types only: lab.generate's Sampling checks the ranges, with messages that say what each value does
+    "generate": {"max_new_tokens": integer(), "temperature": number(), "top_k": integer(), "top_p": number(),
+                 "repetition_penalty": number(), "num_return_sequences": integer(), "seed": integer(0),
+                 "do_sample": boolean, "prepend_eos": boolean},
     "evaluate": {"batch_size": integer(1), "seed": integer(0), "threads": integer(1), "max_blocks": _AUTO_OR_POSITIVE,
                  "text_max_length": integer(2), "stride": integer(1), "efficiency.decode_prompt_length": integer(1),
                  "efficiency.decode_tokens": integer(1), "efficiency.repeats": integer(1),

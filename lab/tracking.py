@@ -6,7 +6,9 @@ file store is refused by current MLflow, so Lightning's `./mlruns` default canno
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -14,7 +16,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from lab import PROJECT_ROOT
+from lab import PROJECT_ROOT, LabError
+from lab import launch as _launch  # noqa: F401 - registers the launcher configs' resolvers
 
 MLFLOW_DIR = PROJECT_ROOT / "mlflow"
 # MLflow caps one param value at 6000 characters.
@@ -22,30 +25,88 @@ _PARAM_VALUE_LIMIT = 6000
 
 
 def tracking_uri(configured: str | None = None) -> str:
-    """MLFLOW_TRACKING_URI wins, then the configured URI, then the project's sqlite store."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    """The MLflow tracking URI, by one rule for every tool (lab.train, lab.compare, lab.evaluate, ...):
+    an explicit setting (logger.tracking_uri=..., --tracking-uri) wins, then $MLFLOW_TRACKING_URI, then
+    the project's sqlite store (mlflow/mlflow.db)."""
+    if configured is not None and not isinstance(configured, str):
+        raise LabError(f"tracking URI {configured!r} is a {type(configured).__name__}, not a URI; "
+                       "give logger.tracking_uri=http://host:5000 (or sqlite:///path/mlflow.db)")
+    uri = (configured or "").strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if not uri:
         uri = f"sqlite:///{MLFLOW_DIR / 'mlflow.db'}"
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        _init_sqlite_store(uri)
     return uri
 
 
+@functools.cache
+def _init_sqlite_store(uri: str) -> None:
+    """Create the sqlite store's tables once, under a file lock: jobs that start together on a fresh store
+    (make bakeoff LAUNCHER=local_parallel, several sweep workers) would otherwise all run MLflow's schema
+    migration at once and all but one fail (`table _alembic_tmp_experiments already exists`)."""
+    db = Path(uri.removeprefix("sqlite:///"))
+    try:
+        import fcntl
+    except ImportError:  # Windows: no concurrent local jobs there
+        fcntl = None
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            return
+        with open(db.with_name(db.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                MlflowClient(uri).search_experiments(max_results=1)  # builds (or checks) the schema
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    except OSError as err:
+        raise LabError(f"MLflow store {uri}: cannot create {db.parent} ({err.strerror}); give a writable "
+                       "logger.tracking_uri / MLFLOW_TRACKING_URI (sqlite:///path/mlflow.db or http://host:5000)") from err
+
+
+# `scheme:` at the start: s3://, gs://, file://, mlflow-artifacts:/, hdfs:// ... (two letters or more, so a
+# Windows drive `C:\` stays a path)
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+
+
+def is_uri(location: str) -> bool:
+    return bool(_URI_SCHEME.match(location))
+
+
 def artifact_location(configured: str | Path | None = None) -> str:
-    folder = Path(configured) if configured else MLFLOW_DIR / "artifacts"
-    folder.mkdir(parents=True, exist_ok=True)
+    """Where a new experiment keeps its artifacts: a URI (s3://bucket/x, file:///..., mlflow-artifacts:/...)
+    goes to MLflow untouched; a local path (relative to the working folder) is made absolute and created."""
+    if configured is not None and not isinstance(configured, (str, Path)):
+        raise LabError(f"artifact location {configured!r} is a {type(configured).__name__}, not a path or URI; "
+                       "give logger.artifact_location=s3://bucket/prefix or a folder")
+    if isinstance(configured, str):
+        configured = configured.strip()
+        if is_uri(configured):
+            return configured
+    folder = Path(configured).expanduser() if configured else MLFLOW_DIR / "artifacts"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LabError(f"artifact location {str(folder)!r}: cannot create the folder ({err.strerror}); "
+                       "give logger.artifact_location=<a writable folder or a URI such as s3://bucket/x>") from err
     return folder.resolve().as_uri()
 
 
 def get_or_create_experiment(name: str, uri: str | None = None, artifacts: str | Path | None = None) -> str:
-    """Experiment id for `name`, created with the project's artifact folder when new."""
-    client = MlflowClient(tracking_uri(uri))
+    """Experiment id for `name`; a new one gets `artifacts` as its artifact location. A tracking server
+    (http[s]://) gets only a URI from us: a local path of this machine means nothing to it, so by default
+    the server's own --artifacts-destination / --default-artifact-root decides."""
+    uri = tracking_uri(uri)
+    client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
-    location = None if _is_remote(tracking_uri(uri)) else artifact_location(artifacts)
+    if _is_remote(uri):
+        location = artifacts.strip() if isinstance(artifacts, str) and is_uri(artifacts.strip()) else None
+    else:
+        location = artifact_location(artifacts)
     return client.create_experiment(name, artifact_location=location)
 
 

@@ -24,10 +24,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lab import TRUSTED_TARGETS, LabError, exit_with, report_job_failure
-from lab.callbacks import Energy, StageEnd, StepLog, Throughput, TrainClock, export_hf
+from lab.callbacks import Energy, SourceTokens, StageEnd, StepLog, Throughput, TrainClock, export_from_trainer
 from lab.checkpoints import resolve_ckpt_path
 from lab.data.publish import verify_prepared
 from lab.datamodule import CurriculumDataModule
@@ -60,7 +61,7 @@ def prepare_command(cfg: DictConfig) -> str:
     words += [f"paths.corpus_dir={cfg.paths.corpus_dir}", f"data.seq_len={cfg.data.seq_len}"]
     for override in (HydraConfig.get().overrides.task if hydra_on else []):
         key = override.split("=", 1)[0].lstrip("+~")
-        if key.startswith(("data.", "tokenizer.", "prepare.")) and key not in ("data.seq_len", "data.stages"):
+        if key.startswith(("data.", "tokenizer.", "prepare.")) and key != "data.seq_len":
             words.append(override)
     return " ".join(words)
 
@@ -113,6 +114,15 @@ def fsdp_strategy(cfg: DictConfig) -> Any:
                         if cfg.train.activation_checkpointing else None, state_dict_type="full")
 
 
+def instantiate_trainer(cfg: DictConfig, trainer_cfg: dict[str, Any], **objects: Any) -> L.Trainer:
+    """The Trainer of conf/trainer (`trainer_cfg`: its resolved node without the keys lab.train sets itself)."""
+    if trainer_cfg.get("strategy") == "fsdp":
+        # a strategy object cannot sit inside a config node (OmegaConf refuses it): it goes beside it
+        trainer_cfg = {k: v for k, v in trainer_cfg.items() if k != "strategy"}
+        objects["strategy"] = fsdp_strategy(cfg)
+    return instantiate(trainer_cfg, **objects, _convert_="all", _execution_whitelist_=TRUSTED_TARGETS)
+
+
 def flops_and_peak(config: Any, seq_len: int, precision: str) -> tuple[float | None, float | None, str]:
     """FLOPs per trained token, the device's peak FLOP/s and where that peak came from."""
     from lab.flops import PEAK_ENV, flops_per_token, measured_matmul_flops, peak_flops
@@ -144,7 +154,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                               f"re-prepare it (intact steps are reused) with: {prepare_command(cfg)}")
     log.info("prepared data at %s verified (%s)", cfg.data.prepared_dir, checked)
     datamodule = CurriculumDataModule(
-        cfg.data.prepared_dir, cfg.data.stages, cfg.data.seq_len, cfg.train.batch_size,
+        cfg.data.prepared_dir, cfg.curriculum, cfg.data.seq_len, cfg.train.batch_size,
         val_batch_size=cfg.train.val_batch_size, val_max_blocks=cfg.train.val_max_blocks,
         shuffle_seed=cfg.data.shuffle_seed, accumulate_grad_batches=accumulate, num_workers=cfg.train.num_workers)
     manifest = datamodule.manifest
@@ -166,21 +176,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     uri = tracking_uri(cfg.logger.tracking_uri)
-    get_or_create_experiment(cfg.logger.experiment_name, uri, cfg.logger.artifact_location)
     run_id_file = run_dir / "mlflow_run_id"
-    if ckpt_path and (Path(ckpt_path).parent.parent / "mlflow_run_id").is_file():
-        # a resumed run continues the same MLflow run
-        run_id_file.write_text((Path(ckpt_path).parent.parent / "mlflow_run_id").read_text())
-    if run_id_file.is_file():
-        check_resume_settings(uri, run_id_file.read_text().strip(), resolved)
+    # one MLflow run per job, created and recorded by rank 0 only: other ranks never touch the store (a sqlite
+    # store created by two processes at once breaks), and their Lightning logger is a stand-in
+    rank_zero = rank_zero_only.rank == 0
+    if rank_zero:
+        get_or_create_experiment(cfg.logger.experiment_name, uri, cfg.logger.artifact_location)
+        if ckpt_path and (Path(ckpt_path).parent.parent / "mlflow_run_id").is_file():
+            # a resumed run continues the same MLflow run
+            run_id_file.write_text((Path(ckpt_path).parent.parent / "mlflow_run_id").read_text())
+        if run_id_file.is_file():
+            check_resume_settings(uri, run_id_file.read_text().strip(), resolved)
     tags = {"arch": str(cfg.arch_name), "size": str(cfg.size.name), "seed": str(cfg.seed),
+            "curriculum": datamodule.curriculum.name,
             "data_sha256": manifest.data_sha256, "tokenizer_sha256": manifest.tokenizer_sha256,
             "experiment_name": str(cfg.experiment_name), "run_dir": str(run_dir), **git_info(),
             **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()}}
+    # (even constructing Lightning's MLflow logger opens the store, so the other ranks get none)
     logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, run_name=cfg.logger.run_name,
                           tracking_uri=uri, tags=tags, log_model=False,
-                          run_id=run_id_file.read_text().strip() if run_id_file.is_file() else None)
-    run_id_file.write_text(logger.run_id)
+                          run_id=run_id_file.read_text().strip() if run_id_file.is_file() else None) if rank_zero else None
+    if logger is not None:
+        run_id_file.write_text(logger.run_id)
     try:
         trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
         max_steps_cap = int(trainer_cfg.pop("max_steps", -1))
@@ -201,12 +218,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ]
         if cfg.callbacks.get("optuna_pruning"):  # selected by conf/sweep/lr.yaml: stop hopeless trials early
             callbacks.append(instantiate(cfg.callbacks.optuna_pruning, _execution_whitelist_=TRUSTED_TARGETS))
-        if trainer_cfg.get("strategy") == "fsdp":
-            trainer_cfg["strategy"] = fsdp_strategy(cfg)
-        trainer = instantiate(trainer_cfg, precision=precision, logger=logger, callbacks=callbacks,
-                              max_epochs=len(datamodule.stages), reload_dataloaders_every_n_epochs=1,
-                              num_sanity_val_steps=0, check_val_every_n_epoch=1, default_root_dir=str(run_dir),
-                              _convert_="all", _execution_whitelist_=TRUSTED_TARGETS)
+        trainer = instantiate_trainer(cfg, trainer_cfg, precision=precision, logger=logger or False, callbacks=callbacks,
+                                      max_epochs=len(datamodule.stages), reload_dataloaders_every_n_epochs=1,
+                                      num_sanity_val_steps=0, check_val_every_n_epoch=1,
+                                      default_root_dir=str(run_dir))
         datamodule.set_world(trainer.world_size, trainer.global_rank)
 
         bounds = datamodule.stage_boundaries()
@@ -226,7 +241,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         stage_names = [s.name for s in datamodule.stages]
         schedule = {"total_steps": total_steps, "tokens_per_step": datamodule.tokens_per_step,
                     "stage_names": stage_names, "stage_bounds": bounds,
-                    "stage_sources": [list(s.sources) for s in datamodule.stages]}
+                    "stage_sources": [datamodule.main_sources(i) for i in range(len(datamodule.stages))]}
         data_info = {"seq_len": cfg.data.seq_len, "val_sources": datamodule.val_sources,
                      "val_bytes_per_token": {s: manifest.bytes_per_token(s, "val") for s in datamodule.val_sources},
                      "data_sha256": manifest.data_sha256, "tokenizer_sha256": manifest.tokenizer_sha256}
@@ -241,6 +256,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.callbacks.append(Throughput(flops_per_token, peak, window=max(1, min(10, total_steps // 4))))
         trainer.callbacks.append(TrainClock())
         trainer.callbacks.append(StageEnd(run_dir, stage_names, bounds, manifest.tokenizer_dir, cfg.train.export_hf))
+        trainer.callbacks.append(SourceTokens(datamodule.source_tokens))  # tokens/<stage>/<source>
         if cfg.callbacks.energy in (True, "auto"):
             try:
                 trainer.callbacks.append(Energy(run_dir))
@@ -260,22 +276,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         if module.stop_reason:
             trainer.save_checkpoint(checkpoints / "guard-stop.ckpt")
-            logger.experiment.set_tag(logger.run_id, "stopped_by", "loss_guard")
+            if logger is not None:
+                logger.experiment.set_tag(logger.run_id, "stopped_by", "loss_guard")
             raise LabError(f"{module.stop_reason}. Checkpoint: {checkpoints / 'guard-stop.ckpt'}")
 
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         if module.last_val_step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)  # the objective is always measured at the end
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        if cfg.train.export_hf:
+            export_from_trainer(trainer, module, run_dir / "hf", manifest.tokenizer_dir)  # every rank: a collective
         if trainer.is_global_zero:
             if cfg.train.export_hf:
-                export_hf(module.model, run_dir / "hf", manifest.tokenizer_dir)
                 logger.experiment.log_artifacts(logger.run_id, str(run_dir / "hf"), artifact_path="hf")
             logger.experiment.set_tag(logger.run_id, "run_dir", str(run_dir))
-        logger.finalize("success")
-        return {"run_id": logger.run_id, "metrics": metrics, "run_dir": run_dir, "module": module}
+        if logger is not None:
+            logger.finalize("success")
+        return {"run_id": logger.run_id if logger is not None else None, "metrics": metrics, "run_dir": run_dir,
+                "module": module}
     except BaseException as err:
-        end_run_after_failure(logger, err)
+        if logger is not None:
+            end_run_after_failure(logger, err)
         raise
 
 

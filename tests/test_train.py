@@ -28,7 +28,7 @@ def run_train(prepared: Path, run_dir: Path, *overrides: str) -> dict:
 
 def datamodule(prepared: Path, batch_size: int = 4, **kwargs) -> CurriculumDataModule:
     cfg = compose_config("train", tiny_train_overrides(prepared))
-    return CurriculumDataModule(prepared, cfg.data.stages, 64, batch_size, shuffle_seed=kwargs.pop("seed", 1),
+    return CurriculumDataModule(prepared, cfg.curriculum, 64, batch_size, shuffle_seed=kwargs.pop("seed", 1),
                                 **kwargs)
 
 
@@ -151,7 +151,7 @@ def read_steps(run_dir: Path) -> dict[int, float]:
 
 KILL_RESUME_COMMON = ["trainer.max_steps=-1", "train.export_hf=false", "train.eval_every_steps=4",
                       "train.val_max_blocks=2",
-                      "data.stages=[{name:web,sources:[web],tokens:3072},{name:books,sources:[books],tokens:2048}]"]
+                      "curriculum.stages=[{name:web,sources:[web],tokens:3072},{name:books,sources:[books],tokens:2048}]"]
 
 
 def launch_train(prepared: Path, run_dir: Path, *extra: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
@@ -263,7 +263,7 @@ def test_two_process_ddp_ranks_read_disjoint_blocks(prepared_sample, tmp_path):
     trace = tmp_path / "trace"
     trace.mkdir()
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "LAB_TRACE_BLOCKS_DIR": str(trace)}
-    stages = "data.stages=[{name:web,sources:[web],tokens:6144}]"  # 96 blocks = 12 steps of 2 ranks x 4
+    stages = "curriculum.stages=[{name:web,sources:[web],tokens:6144}]"  # 96 blocks = 12 steps of 2 ranks x 4
     cmd = [sys.executable, "-m", "lab.train", *tiny_train_overrides(prepared_sample), "trainer=ddp",
            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=-1",
            "train.export_hf=false", "train.val_max_blocks=4", stages, f"hydra.run.dir={tmp_path / 'run'}"]

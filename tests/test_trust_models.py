@@ -111,6 +111,37 @@ def test_a_checkpoint_describing_a_giant_model_is_refused_before_allocation():
         config_from_record(node, {})
 
 
+@pytest.mark.parametrize("knobs, message", [
+    ({"target_params": 1e15}, "target_params=.* out of range"),  # lab.sizing would search for hours
+    ({"target_params": "50e6"}, "target_params=.* out of range"),
+    ({"target_params": 1e6, "target_basis": "evil"}, "target_basis='evil' is not one of"),
+    ({"depth_divisor": 0}, "depth_divisor=0 is out of range"),
+    ({"depth_divisor": 0.01}, "depth_divisor=0.01 is out of range"),  # would multiply the depth by 100
+    ({"depth_divisor": 1, "min_layers": 10**9}, "min_layers=.* out of range"),
+    ({"min_layers": 2.5}, "min_layers=2.5 is out of range"),
+])
+def test_size_knobs_of_a_record_are_bounded(knobs, message):
+    node, size = tiny_config("llama_gqa", 320)
+    with pytest.raises(LabError, match=message):
+        config_from_record(node, {**size, **knobs})
+
+
+@pytest.mark.parametrize("field", ["hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                                   "vocab_size", "num_hidden_layers"])
+def test_zero_widths_are_refused_before_transformers_divides_by_them(field):
+    node, size = tiny_config("llama_gqa", 320)
+    with pytest.raises(LabError, match=f"{field}=0 is out of range"):
+        config_from_record({**node, field: 0}, {})
+    with pytest.raises(LabError, match="out of range"):
+        config_from_record(node, {**size, "hidden_size": 0})
+
+
+def test_a_record_with_a_matched_size_still_builds():
+    node, size = tiny_config("llama_gqa", 320)
+    config = config_from_record(node, {**size, "target_params": 1e6, "target_basis": "non_embedding"})
+    assert config.hidden_size >= 8 and config.num_hidden_layers >= 1
+
+
 def test_wrong_container_types_are_one_line():
     node, size = tiny_config("llama_gqa", 320)
     for arch, size_, overrides in ((["a"], size, {}), (node, "tiny", {}), (node, size, [1, 2])):
@@ -192,7 +223,12 @@ def edit_json(path: Path, edit) -> None:
     (lambda c: c.update(quantization_config={"quant_method": "bitsandbytes"}), "torchao variants"),
     (lambda c: c.update(quantization_config={"quant_method": "torchao", "quant_type": {
         "default": {"_type": "SomeOtherConfig", "_data": {}}}}), "SomeOtherConfig"),
+    (lambda c: c.update(quantization_config={"quant_method": "torchao", "quant_type": "int4_weight_only"}),
+     "names nothing"),
+    (lambda c: c.update(quantization_config=["torchao"]), "torchao variants"),
     (lambda c: c.update(hidden_size=10**8), "out of range"),
+    (lambda c: c.update(num_attention_heads=0), "out of range"),
+    (lambda c: c.pop("model_type"), "model_type None"),
     (lambda c: c.update(rope_parameters={"_target_": "os.system"}), "not an allowed field"),
 ])
 def test_hf_folder_config_is_checked_before_transformers_reads_it(tiny_run, tmp_path, edit, message):
@@ -200,6 +236,40 @@ def test_hf_folder_config_is_checked_before_transformers_reads_it(tiny_run, tmp_
     edit_json(run / "hf" / "config.json", edit)
     with pytest.raises(LabError, match=message):
         load_model(run / "hf")
+
+
+def plant_remote_code(folder: Path, marker: Path) -> None:
+    """An HF folder shipping its own model code (auto_map), which would leave a marker if anything ran it."""
+    write_sentinel_module(folder, "modeling_evil", marker)
+    edit_json(folder / "config.json", lambda c: c.update(auto_map={"AutoConfig": "modeling_evil.EvilConfig",
+                                                                   "AutoModelForCausalLM": "modeling_evil.Evil"}))
+
+
+def test_model_folder_code_never_runs(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    marker = tmp_path / "ran.txt"
+    plant_remote_code(run / "hf", marker)
+    with pytest.raises(LabError, match="auto_map"):
+        load_model(run / "hf")
+    assert not marker.exists() and "modeling_evil" not in sys.modules
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda hf, marker: plant_remote_code(hf, marker), "auto_map"),
+    (lambda hf, marker: edit_json(hf / "config.json", lambda c: c.update(model_type="gpt2")), "not one the lab builds"),
+    (lambda hf, marker: damage_truncate(hf / "model.safetensors"), "weights cannot be loaded"),
+])
+def test_init_from_folder_is_checked_like_a_model_path(tiny_run, tmp_path, damage, message):
+    from lab.module import CausalLMModule
+
+    run = copy_run(tiny_run, tmp_path)
+    marker = tmp_path / "ran.txt"
+    damage(run / "hf", marker)
+    node, size = tiny_config("llama_gqa", 320)
+    with pytest.raises(LabError, match=message) as caught:
+        CausalLMModule(node, size, optim={}, scheduler={}, train={}, schedule={}, data_info={},
+                       init_from=str(run / "hf"))
+    assert str(run / "hf") in str(caught.value) and not marker.exists()
 
 
 @pytest.mark.parametrize("content, message", [
@@ -232,11 +302,23 @@ def test_tokenizer_folder_from_elsewhere_is_checked(tiny_run, tmp_path, file, ed
         load_tokenizer(resolve_source(run / "hf"))
 
 
-def test_damaged_tokenizer_json_is_one_line(tiny_run, tmp_path):
+@pytest.mark.parametrize("content, message", [
+    (None, "tokenizer.json is missing"),  # tokenizer_config.json alone: transformers would convert a slow one
+    (b"", "not valid JSON"),
+    (b'{"version": "1.0", "model": {"type": "BPE", "vo', "not valid JSON"),
+    (b"[1, 2]", "not an object"),
+    (b'{"model": {"type": "BPE", "vocab": 5}}', "cannot be loaded"),
+])
+def test_damaged_tokenizer_json_is_one_line(tiny_run, tmp_path, content, message):
     run = copy_run(tiny_run, tmp_path)
-    (run / "hf" / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": 5}}')
-    with pytest.raises(LabError, match="cannot be loaded"):
+    tokenizer_json = run / "hf" / "tokenizer.json"
+    if content is None:
+        tokenizer_json.unlink()
+    else:
+        tokenizer_json.write_bytes(content)
+    with pytest.raises(LabError, match=message) as caught:
         load_tokenizer(resolve_source(run / "hf"))
+    assert "\n" not in str(caught.value) and str(run / "hf") in str(caught.value)
 
 
 @pytest.mark.parametrize("content", ['{"variant": ["x"]}', "[]", "{bad", '{"variant": "int8wo", "run_dir": 5}'])
@@ -260,3 +342,18 @@ def test_cli_gives_one_line_for_a_crafted_checkpoint_and_a_damaged_folder(tiny_r
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and str(model_path) in errors[0]
         assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["lab.quantize", "lab.evaluate"])
+def test_quantize_and_evaluate_refuse_a_crafted_checkpoint_in_one_line(tiny_run, tmp_path, command):
+    run = copy_run(tiny_run, tmp_path)
+    marker = tmp_path / "written.pt"
+    rewrite_checkpoint(run / "checkpoints" / "last.ckpt", lambda c: c["hyper_parameters"].update(
+        config_overrides={"rope_parameters": {"_target_": "torch.save", "obj": [1], "f": str(marker)}}))
+    result = subprocess.run([sys.executable, "-m", command, f"model_path={run / 'checkpoints' / 'last.ckpt'}",
+                             "device=cpu", f"output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                            capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rope_parameters" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and not marker.exists()

@@ -70,12 +70,20 @@ class SourceSpec:
             files = sorted(p for p in self._walk() if p.name.endswith(JSONL_SUFFIXES))
             if not files:
                 raise LabError(f"source {self.name!r}: no {'/'.join(JSONL_SUFFIXES)} files under {self.path}")
-            return files
+            return self._regular(files)
         if not self.path.is_dir():
             raise LabError(f"source {self.name!r} (kind txt_dir): {self.path} is not a folder")
         files = sorted(p for p in self._walk() if p.name.endswith(".txt"))
         if not files:
             log.warning("source %r: no .txt files under %s", self.name, self.path)
+        return self._regular(files)
+
+    def _regular(self, files: list[Path]) -> list[Path]:
+        """A link to nowhere or a pipe named like an input is an error, never a silently missing file."""
+        for path in files:
+            if not path.is_file():
+                what = "a link to a missing file" if path.is_symlink() and not path.exists() else "not a regular file"
+                raise LabError(f"source {self.name!r}: cannot read {path}: {what}; fix or remove it and re-run")
         return files
 
     def _walk(self) -> list[Path]:
@@ -85,7 +93,7 @@ class SourceSpec:
                            "permissions and re-run") from None
 
         return [Path(root) / name for root, _, names in os.walk(self.path, onerror=refuse, followlinks=True)
-                for name in names if (Path(root) / name).is_file()]
+                for name in names]
 
     def relative(self, path: Path) -> str:
         """A file's name as recorded in ids and examples: relative to the source path."""
@@ -135,10 +143,12 @@ def open_text_stream(path: Path, on_bytes: Callable[[int], None] | None = None) 
     """
     raw = _Counting(open(path, "rb", buffering=0), on_bytes)
     if path.name.endswith(".gz"):
-        stream: BinaryIO = io.BufferedReader(gzip.GzipFile(fileobj=io.BufferedReader(raw, 1 << 20), mode="rb"), 1 << 20)
+        decompressed: Any = gzip.GzipFile(fileobj=io.BufferedReader(raw, 1 << 20), mode="rb")
+        stream: BinaryIO = io.BufferedReader(_UntilDamage(decompressed), 1 << 20)
     elif path.name.endswith(".zst"):
-        reader = zstandard.ZstdDecompressor().stream_reader(io.BufferedReader(raw, 1 << 20), read_across_frames=True)
-        stream = io.BufferedReader(reader, 1 << 20)
+        decompressed = zstandard.ZstdDecompressor().stream_reader(io.BufferedReader(raw, 1 << 20),
+                                                                  read_across_frames=True)
+        stream = io.BufferedReader(_UntilDamage(decompressed, lambda: _zstd_cut(path)), 1 << 20)
     else:
         stream = io.BufferedReader(raw, 1 << 20)
     if stream.peek(2)[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
@@ -146,11 +156,82 @@ def open_text_stream(path: Path, on_bytes: Callable[[int], None] | None = None) 
     return stream
 
 
+class _UntilDamage(io.RawIOBase):
+    """A decompressed stream that ends where the compressed data is damaged, keeping every byte before it.
+
+    A large buffered read that fails loses everything it had decompressed, so this reads one decompressor call
+    at a time (read1) and turns the failure into an end of stream, remembering it in `damage`."""
+
+    def __init__(self, inner: Any, check_end: Callable[[], BaseException | None] | None = None):
+        self.inner, self.check_end = inner, check_end
+        self.damage: BaseException | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        if self.damage is not None:
+            return 0
+        try:
+            data = self.inner.read1(len(buffer))
+        except _STREAM_ERRORS as err:
+            self.damage = err
+            return 0
+        if not data and self.check_end is not None:
+            self.damage, self.check_end = self.check_end(), None
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+
+
+def _zstd_cut(path: Path) -> EOFError | None:
+    """Whether a .zst file stops inside a frame. zstandard's stream reader ends a cut file silently, so the frames
+    are walked (headers only: magic, frame header, block headers, checksum) to see that the last one is whole."""
+    with open(path, "rb") as handle:
+        size, pos = os.fstat(handle.fileno()).st_size, 0
+        while pos < size:
+            handle.seek(pos)
+            head = handle.read(18)
+            magic = int.from_bytes(head[:4], "little")
+            if len(head) >= 8 and magic >> 4 == 0x184D2A5:  # a skippable frame: magic, length, payload
+                pos += 8 + int.from_bytes(head[4:8], "little")
+                continue
+            try:
+                pos += zstandard.frame_header_size(head)
+            except zstandard.ZstdError:
+                return EOFError(f"no zstd frame at byte {pos}")
+            checksum = 4 if head[4] & 0x04 else 0
+            last = False
+            while not last and pos < size:
+                handle.seek(pos)
+                block = int.from_bytes(handle.read(3).ljust(3, b"\0"), "little")
+                last, kind, length = bool(block & 1), (block >> 1) & 3, block >> 3
+                pos += 3 + (1 if kind == 1 else length)  # an RLE block stores one byte
+            if not last:
+                break
+            pos += checksum
+    return None if pos == size else EOFError(f"the file ends inside a zstd frame (byte {size} of {pos}+)")
+
+
+def stream_damage(stream: Any) -> BaseException | None:
+    """Why a stream from `open_text_stream` ended early (damaged compressed data), or None."""
+    inner = stream.text.buffer if isinstance(stream, _Utf16AsUtf8) else stream
+    raw = getattr(inner, "raw", None)
+    return raw.damage if isinstance(raw, _UntilDamage) else None
+
+
 class _Utf16AsUtf8(io.RawIOBase):
     """A UTF-16 byte stream read as UTF-8 bytes, line by line (readline is all the JSONL reader needs)."""
 
     def __init__(self, stream: BinaryIO):
-        self.text = io.TextIOWrapper(stream, encoding="utf-16", newline="")
+        # a lone surrogate passes through to invalid UTF-8, so only its own record is counted (invalid_utf8)
+        self.text = io.TextIOWrapper(stream, encoding="utf-16", errors="surrogatepass", newline="")
         self.pending = b""
 
     def readable(self) -> bool:
@@ -214,11 +295,15 @@ def iter_jsonl(spec: SourceSpec, path: Path, max_bytes: int,
                         pass
                     yield RawRecord(name, line_no, None, "line_too_long")
                     continue
+                if not line.endswith(b"\n") and (damage := stream_damage(stream)) is not None:
+                    raise damage  # the cut last line belongs to the damage, not to the documents
                 if first:
                     line, first = line.removeprefix(codecs.BOM_UTF8), False
                 for piece in _lines(line):
                     line_no += 1
                     yield RawRecord(name, line_no, piece)
+            if (damage := stream_damage(stream)) is not None:
+                raise damage
     except _STREAM_ERRORS as err:
         log.warning("%s: unreadable after line %d (%s); the rest of the file is skipped and recorded in the "
                     "manifest (file_notes)", path, line_no, err)

@@ -174,9 +174,9 @@ def verify_prepared(prepared_dir: Path, mode: str, fix_hint: str) -> str:
     try:
         manifest_bytes = manifest_path.read_bytes()
         manifest = json.loads(manifest_bytes)
-        splits = [(name, split_name, split["file"], expected_bytes(manifest, split))
+        splits = [(name, split_name, relative_file(split["file"]), expected_bytes(manifest, split))
                   for name, source in manifest["sources"].items() for split_name, split in source["splits"].items()]
-        files = _recorded_hashes(manifest)
+        files = {relative_file(rel): sha for rel, sha in _recorded_hashes(manifest).items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise LabError(f"{manifest_path} cannot be read as a manifest ({type(err).__name__}: {err}); "
                        f"{fix_hint}") from None
@@ -211,6 +211,15 @@ def verify_prepared(prepared_dir: Path, mode: str, fix_hint: str) -> str:
         write_json_atomic(prepared_dir / VERIFIED_FILE, {"manifest_sha256": manifest_sha, "files": states,
                                                          "verified_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return "full"
+
+
+def relative_file(rel: Any) -> str:
+    """A path the manifest names: inside the prepared folder, never absolute or climbing out (a copied folder
+    must not point training at other files)."""
+    parts = Path(str(rel)).parts
+    if not isinstance(rel, str) or not parts or Path(rel).is_absolute() or ".." in parts:
+        raise ValueError(f"file {rel!r} is not a path inside the prepared folder")
+    return rel
 
 
 def _recorded_hashes(manifest: dict[str, Any]) -> dict[str, str]:
