@@ -109,3 +109,23 @@ def test_two_torchrun_nodes_on_localhost(prepared_sample, tmp_path):
     finish(nodes)
     one_finished_run(store)
     load_model(tmp_path / "node0" / "hf")
+
+
+@pytest.mark.slow  # two torchrun launches (~1 min on 2 cores)
+def test_torchrun_killed_mid_run_resumes_from_last(prepared_sample, tmp_path):
+    """A rank dies like kill -9 at step 3 (the whole torchrun job fails), then ckpt_path=last finishes the run,
+    continuing the same MLflow run."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = [f"paths.root_dir={tmp_path}", "callbacks.checkpoint.every_n_steps=2"]
+    os.environ["LAB_FAULT_KILL_AT_STEP"] = "3"
+    try:
+        killed = torchrun(prepared_sample, tmp_path / "outputs" / "torchrun" / "first", store, 1, 0, 2, free_port(),
+                          *common)
+        out, _ = killed.communicate(timeout=300)
+    finally:
+        del os.environ["LAB_FAULT_KILL_AT_STEP"]
+    assert killed.returncode != 0, out[-2000:]
+    finish([torchrun(prepared_sample, tmp_path / "outputs" / "torchrun" / "second", store, 1, 0, 2, free_port(),
+                     *common, "ckpt_path=last")])
+    one_finished_run(store)
+    load_model(tmp_path / "outputs" / "torchrun" / "second" / "hf")
