@@ -197,15 +197,20 @@ def test_missing_path_is_one_clear_error(tmp_path):
 
 # --- reuse, changes and resume ---------------------------------------------------------------------
 
+def write_corpus(tmp: Path, seed: int, web_docs: int, books: int, chapters: int) -> tuple[Path, Path]:
+    """web.jsonl + books/ of Romanian-looking documents, deterministic by seed."""
+    rng = random.Random(seed)
+    (tmp / "web.jsonl").write_text("".join(json.dumps({"id": f"w{i}", "text": ro_doc(rng)}) + "\n"
+                                           for i in range(web_docs)))
+    (tmp / "books").mkdir()
+    for i in range(books):
+        (tmp / "books" / f"b{i}.txt").write_text("\n\n".join(ro_doc(rng, 150) for _ in range(chapters)))
+    return tmp / "web.jsonl", tmp / "books"
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(2)
-    (tmp / "web.jsonl").write_text("".join(json.dumps({"id": f"w{i}", "text": ro_doc(rng)}) + "\n" for i in range(150)))
-    (tmp / "books").mkdir()
-    for i in range(3):
-        (tmp / "books" / f"b{i}.txt").write_text("\n\n".join(ro_doc(rng, 150) for _ in range(4)))
-    return tmp / "web.jsonl", tmp / "books"
+    return write_corpus(tmp_path_factory.mktemp("corpus"), seed=2, web_docs=150, books=3, chapters=4)
 
 
 SHARDS = ["prepare.batch_mb=0.02"]  # several scan shards, so a kill lands mid-step

@@ -29,7 +29,7 @@ from lab.data.steps import run_lock
 from lab.datamodule import Manifest
 from lab.prepare import run
 from tests.conftest import compose_config, tiny_train_overrides
-from tests.test_prepare_pipeline import bin_hashes, compose, ro_doc
+from tests.test_prepare_pipeline import bin_hashes, compose, ro_doc, write_corpus
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # root reads and writes through chmod: inject faults instead
 HINT = "re-run lab.prepare"
@@ -37,13 +37,7 @@ HINT = "re-run lab.prepare"
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("trust_corpus")
-    rng = random.Random(5)
-    (tmp / "web.jsonl").write_text("".join(json.dumps({"id": f"w{i}", "text": ro_doc(rng)}) + "\n" for i in range(60)))
-    (tmp / "books").mkdir()
-    for i in range(2):
-        (tmp / "books" / f"b{i}.txt").write_text("\n\n".join(ro_doc(rng, 150) for _ in range(3)))
-    return tmp / "web.jsonl", tmp / "books"
+    return write_corpus(tmp_path_factory.mktemp("trust_corpus"), seed=5, web_docs=60, books=2, chapters=3)
 
 
 @pytest.fixture(scope="module")
