@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from lab import CONF_DIR, PROJECT_ROOT, LabError
 from lab.launch import job_gpu
 from lab.tracking import artifact_location, get_or_create_experiment, tracking_uri
-from tests.conftest import tiny_train_overrides
+from tests.conftest import ARCHS, tiny_train_overrides
 
 PY = sys.executable
 
@@ -183,22 +183,29 @@ def test_two_sweeps_in_one_second_get_their_own_folders():
 
 
 @pytest.mark.slow
-def test_local_parallel_multirun_runs_jobs_at_once(prepared_sample, tmp_path):
-    env = {**os.environ, "LAB_GPUS": "2"}
+def test_tiny_bakeoff_through_the_local_parallel_launcher(prepared_sample, tmp_path):
+    """The five archs of the tiny bake-off as one multirun, all at once (`make bakeoff LAUNCHER=local_parallel`)."""
+    env = {**os.environ, "LAB_GPUS": "5"}
     sweep_dir = tmp_path / "sweep"
-    out = lab_train(["-m", "hydra/launcher=local_parallel", "hydra.sweeper.max_batch_size=2",
-                     f"hydra.sweep.dir={sweep_dir}", "experiment=demo", "arch=llama_gqa,falcon_mqa",
-                     *tiny_train_overrides(prepared_sample)], env)
+    out = lab_train(["-m", "experiment=arch_bakeoff_tiny", "hydra/launcher=local_parallel",
+                     "hydra.sweeper.max_batch_size=5", "hydra.sweeper.params.seed=1", f"hydra.sweep.dir={sweep_dir}",
+                     *tiny_train_overrides(prepared_sample, "trainer.max_steps=4")], env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
-    assert sorted(r.data.tags["arch"] for r in runs) == ["falcon_mqa", "llama_gqa"]
-    assert all(r.info.status == "FINISHED" for r in runs)
-    (a, b) = sorted(runs, key=lambda r: r.info.start_time)
-    assert b.info.start_time < a.info.end_time, "the two jobs ran one after the other"
-    assert len(list(sweep_dir.glob(".submitit/[0-9]*"))) == 2  # one submitit job (process) each
+    runs = client.search_runs([client.get_experiment_by_name("arch_bakeoff_tiny").experiment_id])
+    assert sorted(r.data.tags["arch"] for r in runs) == sorted(ARCHS)
+    assert all(r.info.status == "FINISHED" and r.data.tags["bakeoff"] == "tiny-v1" for r in runs)
+    # jobs overlap: at some moment several runs were training at once (2 cores: not necessarily all five)
+    at_once = max(sum(r.info.start_time <= t < r.info.end_time for r in runs) for t in (r.info.start_time for r in runs))
+    assert at_once >= 3, f"at most {at_once} job(s) ran at once"
+    assert len(list(sweep_dir.glob(".submitit/[0-9]*"))) == 5  # one submitit job (process) each
+    table = subprocess.run([PY, "-m", "lab.compare", "--experiment", "arch_bakeoff_tiny", "--tag", "bakeoff=tiny-v1",
+                            "--out", str(tmp_path / "compare")], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert all(arch in table.stdout for arch in ARCHS)
 
 
 # --- Optuna on PostgreSQL -----------------------------------------------------------------------------------
