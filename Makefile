@@ -8,9 +8,10 @@ PY := $(BIN)/python
 ARCHS := llama_gqa,mistral_swa,falcon_mqa,mamba2,llama_mha
 # The real corpus for `make data` / `make bench-data` (web.jsonl + books/).
 CORPUS ?= $(abspath ../shared/corpus/ro)
-# The embedded sample at tiny sizes: what `make demo` and the tests use.
+# The embedded sample at tiny sizes (conf/experiment/tiny_sample.yaml): what `make demo` and the tests use.
 DEMO := experiment=demo
-# The data half of the demo (lab.prepare has no trainer, so it takes just these overrides).
+# The data half of tiny_sample: lab.prepare has no size or trainer group, so it cannot read that file and
+# takes these overrides instead; they must match it (tests/test_trust_config.py checks).
 DEMO_DATA := tokenizer=bpe2k data.seq_len=64
 # make sweep / make bakeoff
 ARCH ?= llama_gqa
@@ -26,23 +27,28 @@ MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-gpu demo test test-slow data data-sample train multirun sweep sweep-worker bakeoff curriculum mlflow-server compare \
+.PHONY: help setup setup-gpu demo test test-slow data data-sample train multirun sweep sweep-worker bakeoff study curriculum mlflow-server compare \
         quantize eval bench-eval generate bench bench-data lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed ## create .venv with the pinned CPU stack (torch 2.13.0 first)
+setup: $(VENV)/.installed ## create .venv from requirements.lock (every package pinned and hash-checked; CPU torch 2.13.0 first)
 
-$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+# requirements.lock holds every package with its hashes (Linux x86-64, Python 3.11; its header is the
+# command that regenerates it). pip, setuptools and torch 2.13.0+cpu go in first, alone: the hash admits
+# that one file, so no CUDA build can replace it. The rest is built, where only an sdist exists, with
+# that setuptools (no build isolation: no unhashed build packages), then lab itself, then a consistency check.
+$(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
-	$(PY) -m pip install -q --no-deps -e .
+	awk '/^[^ #]/ {keep = /^(pip|setuptools|torch)==/} keep' requirements.lock > $(VENV)/first.lock
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(VENV)/first.lock
+	$(PY) -m pip install -q --require-hashes --no-build-isolation -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $@
 
-setup-gpu: setup ## GPU extras: mamba-ssm, causal-conv1d (built with nvcc), xformers
+setup-gpu: setup ## GPU extras: mamba-ssm, causal-conv1d (built with nvcc)
 	bash scripts/build_gpu_kernels.sh
 
 demo: setup ## prepare the sample, train all five archs (tiny, CPU), print the comparison table
@@ -83,6 +89,9 @@ bakeoff: setup ## five archs x seeds, one MLflow experiment: make bakeoff [BAKEO
 
 mlflow-server: setup ## MLflow tracking server on 127.0.0.1:5000 (MLFLOW_BACKEND=sqlite|postgresql URI, MLFLOW_ARTIFACTS=any URI)
 	MLFLOW_HOST=$(MLFLOW_HOST) MLFLOW_PORT=$(MLFLOW_PORT) bash scripts/mlflow_server.sh
+
+study: setup ## the whole study, resumable: prepare, train, quantize, evaluate, report (make study EXPERIMENT=arch_bakeoff_tiny [ARGS=--dry-run])
+	$(PY) -m lab.study experiment=$(EXPERIMENT) $(ARGS)
 
 curriculum: setup ## curricula x seeds at equal tokens (tiny, CPU) from one prepare, then the table by curriculum
 	$(PY) -m lab.prepare $(DEMO_DATA)

@@ -41,7 +41,10 @@ from omegaconf import OmegaConf
 from lab import CONF_DIR, PROJECT_ROOT, LabError, report_error
 from lab.flops import flops_per_token, layer_kinds, mfu, peak_flops
 from lab.kernels import apply_fast_paths, causal_lm_loss, compile_model, set_attention
+from lab.model_io import resolve_device, sync
 from lab.models import build_config, build_model
+from lab.tables import markdown_table
+from lab.units import GB
 
 log = logging.getLogger("lab.bench")
 
@@ -171,11 +174,6 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def random_batch(batch: int, seq_len: int, vocab: int, device: torch.device) -> torch.Tensor:
     generator = torch.Generator().manual_seed(batch * 7919 + seq_len)
     return torch.randint(0, vocab, (batch, seq_len), generator=generator).to(device)
@@ -191,7 +189,7 @@ def fits(make_run: Callable[[], Run], batch: int, seq_len: int) -> bool:
     try:
         run = make_run()
         run.step(random_batch(batch, seq_len, run.vocab, run.device))
-        _sync(run.device)
+        sync(run.device)
         return True
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if not _is_oom(err):
@@ -215,22 +213,22 @@ def max_batch(make_run: Callable[[], Run], seq_len: int, limit: int = MAX_AUTO_B
 
 
 def measure(run: Run, batch: int, seq_len: int, warmup: int, steps: int) -> tuple[list[float], float, float | None]:
-    """(step times in s, last loss, peak GB); the first `warmup` steps are not timed."""
+    """(step times in s, last loss, peak GB: lab.units.GB); the first `warmup` steps are not timed."""
     device = run.device
     tokens = random_batch(batch, seq_len, run.vocab, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         run.step(tokens)
-    _sync(device)
+    sync(device)
     times = []
     loss = torch.zeros(())
     for _ in range(steps):
         start = time.perf_counter()
         loss = run.step(tokens)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peak = torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None
     return times, float(loss), peak
 
 
@@ -303,15 +301,6 @@ def _compile_flag(flag: str, device: torch.device) -> bool:
     return device.type == "cuda" if flag == "auto" else flag == "on"
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LabError("--device cuda, but PyTorch sees no CUDA device")
-    return device
-
-
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None: plain fp32), as Lightning's bf16-mixed / 32-true would run."""
     if name == "auto":
@@ -339,7 +328,7 @@ def environment(device: torch.device, autocast: torch.dtype | None) -> dict[str,
            "date": dt.datetime.now().isoformat(timespec="seconds")}
     if device.type == "cuda":
         env |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
-                "gpu_memory_gb": round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)}
+                "gpu_memory_gb": round(torch.cuda.get_device_properties(device).total_memory / GB, 1)}
     else:
         env["cpu_threads"] = torch.get_num_threads()
     return env
@@ -365,10 +354,8 @@ def _fmt(key: str, value: Any) -> str:
     return str(value)
 
 
-def markdown_table(rows: Sequence[Row]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(k, getattr(r, k)) for k in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
+def results_table(rows: Sequence[Row]) -> str:
+    return markdown_table(COLUMNS, [[_fmt(k, getattr(r, k)) for k in COLUMNS] for r in rows])
 
 
 def write_results(rows: Sequence[Row], env: dict[str, Any], args: argparse.Namespace, out_dir: Path) -> Path:
@@ -383,7 +370,7 @@ def write_results(rows: Sequence[Row], env: dict[str, Any], args: argparse.Names
               f"{env['precision']}\n\n`{command}`  \n"
               f"torch {env['torch']}, transformers {env['transformers']}; median of {args.steps} steps after "
               f"{args.warmup} warm-up; MFU against {env['peak_tflops'] or '–'} TFLOP/s dense.\n\n")
-    stem.with_suffix(".md").write_text(header + markdown_table(rows) + "\n")
+    stem.with_suffix(".md").write_text(header + results_table(rows) + "\n")
     stem.with_suffix(".json").write_text(json.dumps({"environment": env, "args": vars(args),
                                                      "rows": [asdict(r) for r in rows]}, indent=1, default=str))
     return stem
@@ -427,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         args = parse_args(argv)
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, option="--device ")
         autocast = resolve_precision(args.precision, device)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -446,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stem = write_results(rows, environment(device, autocast), args, out_dir)
     except Exception as err:  # noqa: BLE001 - the one exit path (lab.exit_with)
         return report_error(err, log)
-    print(markdown_table(rows))
+    print(results_table(rows))
     print(f"\nwritten: {stem}.{{md,csv,json}}")
     return 0
 

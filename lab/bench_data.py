@@ -1,4 +1,4 @@
-"""Benchmark of the data pipeline: MB/s per step, end-to-end MB/s per core, peak memory, flat memory.
+"""Benchmark of the data pipeline: MiB/s per step, end-to-end MiB/s per core, peak memory, flat memory.
 
     python -m lab.bench_data --corpus /work/shared/corpus/ro [--replicate 10] [--workers N]
 
@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -32,10 +33,10 @@ from lab import PROJECT_ROOT, LabError, report_error
 from lab.data.manifest import summary_table
 from lab.data.parallel import resolve_workers
 from lab.data.tokenizer import format_report
+from lab.units import GiB, MiB
 
 log = logging.getLogger("lab.bench_data")
 
-MB = 1 << 20
 STEPS = ("scan", "dedup", "tokenizer", "report", "pack")
 
 
@@ -85,7 +86,8 @@ def run_prepare(web: Path, books: Path, out: Path, overrides: list[str]) -> dict
     wall = time.perf_counter() - start
     cpu = _children_cpu() - cpu_before
     if proc.returncode != 0:
-        raise SystemExit(f"lab.prepare failed ({proc.returncode}):\n{output[-4000:]}")
+        print(output[-4000:], file=sys.stderr)  # prepare's own lines say why
+        raise LabError(f"lab.prepare failed with status {proc.returncode} (its output is above): {shlex.join(cmd)}")
     timings = json.loads((out / ".work" / "timings.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
     return {"wall_s": wall, "cpu_s": cpu, "tree_peak": peak.tree_peak, "main_peak": peak.main_peak,
@@ -171,24 +173,24 @@ def index_cost_per_doc(n_docs: int = 20_000, num_perm: int = 128) -> dict[str, f
 
 
 def step_table(result: dict[str, Any], total_bytes: int) -> list[str]:
-    """MB/s per step, wall clock and per core. Per core = MB per CPU-second of the step's processes,
+    """MiB/s per step, wall clock and per core. Per core = MiB per CPU-second of the step's processes,
     which a machine shared with other jobs does not distort (wall clock does)."""
-    lines = [f"{'step':<10} {'MB':>8} {'wall s':>8} {'CPU s':>8} {'procs':>5} {'MB/s':>7} {'MB/s/core':>10}"]
+    lines = [f"{'step':<10} {'MiB':>8} {'wall s':>8} {'CPU s':>8} {'procs':>5} {'MiB/s':>7} {'MiB/s/core':>10}"]
     for step in STEPS:
         t = result["timings"].get(step)
         if not t:
             continue
-        mb = t["bytes"] / MB
-        rate = f"{mb / t['seconds']:>7.2f}" if mb and t["seconds"] else f"{'-':>7}"
-        per_core = f"{mb / t['cpu_seconds']:>10.2f}" if mb and t["cpu_seconds"] else f"{'-':>10}"
-        lines.append(f"{step:<10} {mb:>8.1f} {t['seconds']:>8.2f} {t['cpu_seconds']:>8.2f} {t['workers']:>5} "
+        mib = t["bytes"] / MiB
+        rate = f"{mib / t['seconds']:>7.2f}" if mib and t["seconds"] else f"{'-':>7}"
+        per_core = f"{mib / t['cpu_seconds']:>10.2f}" if mib and t["cpu_seconds"] else f"{'-':>10}"
+        lines.append(f"{step:<10} {mib:>8.1f} {t['seconds']:>8.2f} {t['cpu_seconds']:>8.2f} {t['workers']:>5} "
                      f"{rate} {per_core}")
-    mb = total_bytes / MB
+    mib = total_bytes / MiB
     wall = sum(t["seconds"] for t in result["timings"].values())
     cpu = sum(t["cpu_seconds"] for t in result["timings"].values())
-    lines.append(f"{'all steps':<10} {mb:>8.1f} {wall:>8.2f} {cpu:>8.2f} {'':>5} {mb / wall:>7.2f} {mb / cpu:>10.2f}")
-    lines.append(f"{'process':<10} {mb:>8.1f} {result['wall_s']:>8.2f} {result['cpu_s']:>8.2f} {'':>5} "
-                 f"{mb / result['wall_s']:>7.2f} {mb / result['cpu_s']:>10.2f}   (incl. start-up, imports)")
+    lines.append(f"{'all steps':<10} {mib:>8.1f} {wall:>8.2f} {cpu:>8.2f} {'':>5} {mib / wall:>7.2f} {mib / cpu:>10.2f}")
+    lines.append(f"{'process':<10} {mib:>8.1f} {result['wall_s']:>8.2f} {result['cpu_s']:>8.2f} {'':>5} "
+                 f"{mib / result['wall_s']:>7.2f} {mib / result['cpu_s']:>10.2f}   (incl. start-up, imports)")
     return lines
 
 
@@ -196,15 +198,15 @@ def target_lines(result: dict[str, Any], total_bytes: int) -> list[str]:
     """Issue #3's targets: end to end (the steps that scale with the corpus) and the tokenize step."""
     t = result["timings"]
     streaming_cpu = sum(t[s]["cpu_seconds"] for s in ("scan", "dedup", "pack"))
-    end_to_end = total_bytes / MB / max(1e-9, streaming_cpu)
-    tokenize = t["pack"]["bytes"] / MB / max(1e-9, t["pack"]["cpu_seconds"])
+    end_to_end = total_bytes / MiB / max(1e-9, streaming_cpu)
+    tokenize = t["pack"]["bytes"] / MiB / max(1e-9, t["pack"]["cpu_seconds"])
     encoder = result["manifest"].get("pack_encoder", {})
 
     def verdict(value: float, target: float) -> str:
-        return f"{value:.2f} MB/s/core (target >= {target:g}: {'met' if value >= target else 'NOT met'})"
+        return f"{value:.2f} MiB/s/core (target >= {target:g}: {'met' if value >= target else 'NOT met'})"
 
-    return [f"end to end (scan + dedup + pack, per input MB): {verdict(end_to_end, 2)}",
-            f"tokenize (pack, per kept text MB): {verdict(tokenize, 3)}; backend {encoder.get('backends', '?')}, "
+    return [f"end to end (scan + dedup + pack, per input MiB): {verdict(end_to_end, 2)}",
+            f"tokenize (pack, per kept text MiB): {verdict(tokenize, 3)}; backend {encoder.get('backends', '?')}, "
             f"{encoder.get('checked_chars', 0) / 1e6:.1f} M characters cross-checked against tokenizers, "
             f"{encoder.get('mismatched_shards', 0)} shard(s) disagreed"]
 
@@ -219,84 +221,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def benchmark(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", type=Path, required=True, help="folder with web.jsonl and books/")
-    parser.add_argument("--replicate", type=int, default=10, help="copies of the corpus for the flat-memory check")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: every core)")
-    parser.add_argument("--vocab", type=int, default=40_000)
-    parser.add_argument("--batch-mb", type=float, default=4, help="scan shard size (small corpora need small "
-                        "shards to use every worker)")
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--flat-budget-mb", type=float, default=16,
-                        help="tokenizer sample in the flat-memory runs (fixed, so its memory is too)")
-    parser.add_argument("--skip-flat", action="store_true", help="only the main run")
-    parser.add_argument("--json", type=Path, help="also write the numbers here")
-    parser.add_argument("overrides", nargs="*", help="extra lab.prepare overrides for every run")
-    args = parser.parse_args(argv)
-
+    args = parse_args(argv)
     corpus = args.corpus.resolve()
     web, books = corpus / "web.jsonl", corpus / "books"
     if not web.is_file() or not books.is_dir():
         raise LabError(f"{corpus} must hold web.jsonl and books/ (--corpus names the corpus folder)")
     workers = resolve_workers(args.workers)
-    base = [f"prepare.workers={workers}", f"prepare.batch_mb={args.batch_mb}", f"tokenizer.vocab_size={args.vocab}", f"data.seq_len={args.seq_len}",
-            *args.overrides]
+    base = [f"prepare.workers={workers}", f"prepare.batch_mb={args.batch_mb}", f"tokenizer.vocab_size={args.vocab}",
+            f"data.seq_len={args.seq_len}", *args.overrides]
     report: dict[str, Any] = {"corpus": str(corpus), "workers": workers, "cpu_count": os.cpu_count(),
                               "load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp_dir:
         tmp = Path(tmp_dir)
         total = corpus_bytes(web, books)
-        print(f"corpus {corpus}: {total / MB:.1f} MB, {workers} worker(s) on {os.cpu_count()} cores, load average "
+        print(f"corpus {corpus}: {total / MiB:.1f} MiB, {workers} worker(s) on {os.cpu_count()} cores, load average "
               f"{_load()} before", flush=True)
         main_run = run_prepare(web, books, tmp / "full", base)
         # Other jobs on the machine inflate CPU seconds too (shared caches, hyper-threads): say how busy it was.
         print(f"load average {_load()} after the main run")
         report["load_average"] = {"before": report.get("load_before"), "after": os.getloadavg()}
-        manifest = main_run["manifest"]
-        print("\n".join(step_table(main_run, total)))
-        print("\n".join(target_lines(main_run, total)))
-        print(f"peak RSS: {main_run['tree_peak'] / MB:.0f} MB process tree "
-              f"(main {main_run['main_peak'] / MB:.0f} MB, largest worker {main_run['worker_peak'] / MB:.0f} MB)")
-        print(summary_table(manifest))
-        print(format_report(manifest["tokenizer_report"]))
-        tokens = sum(s["tokens"] for s in manifest["sources"].values())
-        print(f"tokens: {tokens:,}  ({total / max(1, tokens):.2f} input bytes per token)")
-        report["main"] = {k: v for k, v in main_run.items() if k not in ("manifest", "log")}
-        report["main"]["tokens"] = tokens
-        report["main"]["bytes"] = total
-
-        # Projection: the streaming steps scale with cores (per-core rate from CPU time); tokenizer
-        # training is a fixed byte budget (Rust threads; its rate here is per core as well).
-        t = main_run["timings"]
-        streaming_cpu = sum(t[s]["cpu_seconds"] for s in ("scan", "dedup", "pack"))
-        per_core = total / MB / streaming_cpu
-        target_mb, target_cores, budget_mb = 20 * 1024, 16, 1024
-        tok_rate = t["tokenizer"]["bytes"] / MB / max(1e-9, t["tokenizer"]["cpu_seconds"])
-        streaming_min = target_mb / (per_core * target_cores) / 60
-        tok_min = budget_mb / (tok_rate * target_cores) / 60
-        tok_one_core = budget_mb / tok_rate / 60
-        print(f"projection, 20 GB on 16 cores: scan+dedup+pack at {per_core:.2f} MB/s/core -> {streaming_min:.0f} min; "
-              f"tokenizer training on the default {budget_mb} MB budget at {tok_rate:.2f} MB/s/core -> between "
-              f"{tok_min:.0f} min (16 cores) and {tok_one_core:.0f} min (1 core: its merge loop is serial); the "
-              f"report's variants (256 MB each) add ~{2 * 256 / tok_rate / 60:.0f} min at most")
-        report["projection_20GB_16cores_min"] = {"streaming": streaming_min, "tokenizer": [tok_min, tok_one_core]}
-
+        report["main"] = print_main_run(main_run, total)
+        report["projection_20GB_16cores_min"] = print_projection(main_run["timings"], total)  # key kept: 20 GiB
         if not args.skip_flat:
-            flat = [*base, "prepare.dedup.exact=false", "prepare.dedup.near=false",
-                    f"prepare.tokenizer_training.byte_budget_mb={args.flat_budget_mb}", "prepare.report.variants=[]"]
-            one = run_prepare(web, books, tmp / "x1", flat)
-            rweb, rbooks = replicate_corpus(corpus, tmp / f"corpus_x{args.replicate}", args.replicate)
-            many = run_prepare(rweb, rbooks, tmp / f"x{args.replicate}", flat)
-            print(f"\nflat memory (dedup off, tokenizer budget {args.flat_budget_mb} MB):")
-            print(f"{'input':<10} {'MB':>9} {'docs':>10} {'tree peak MB':>13} {'main MB':>8} {'worker MB':>10}")
-            for label, res, (w, b) in (("1x", one, (web, books)), (f"{args.replicate}x", many, (rweb, rbooks))):
-                docs = sum(s["docs_in"] for s in res["manifest"]["sources"].values())
-                print(f"{label:<10} {corpus_bytes(w, b) / MB:>9.1f} {docs:>10,} {res['tree_peak'] / MB:>13.0f} "
-                      f"{res['main_peak'] / MB:>8.0f} {res['worker_peak'] / MB:>10.0f}")
-            ratio = many["tree_peak"] / max(1, one["tree_peak"])
-            print(f"peak ratio {args.replicate}x / 1x: {ratio:.2f}")
-            report["flat"] = {"x1_peak": one["tree_peak"], f"x{args.replicate}_peak": many["tree_peak"], "ratio": ratio}
-
+            report["flat"] = flat_memory(args, corpus, tmp, base)
         cost = index_cost_per_doc()
         print(f"\nnear-duplicate index, bytes per document ({cost['bands']} bands x {cost['rows']} rows, 128 perms): "
               f"datasketch MinHashLSH {cost['datasketch_B_per_doc']:.0f} B, ours (dedup step peak) "
@@ -304,6 +251,74 @@ def benchmark(argv: list[str] | None = None) -> None:
         report["index_cost"] = cost
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, required=True, help="folder with web.jsonl and books/")
+    parser.add_argument("--replicate", type=int, default=10, help="copies of the corpus for the flat-memory check")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: every core)")
+    parser.add_argument("--vocab", type=int, default=40_000)
+    parser.add_argument("--batch-mb", type=float, default=4, help="scan shard size in MiB (small corpora need "
+                        "small shards to use every worker)")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--flat-budget-mb", type=float, default=16,
+                        help="tokenizer sample in MiB in the flat-memory runs (fixed, so its memory is too)")
+    parser.add_argument("--skip-flat", action="store_true", help="only the main run")
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("overrides", nargs="*", help="extra lab.prepare overrides for every run")
+    return parser.parse_args(argv)
+
+
+def print_main_run(main_run: dict[str, Any], total: int) -> dict[str, Any]:
+    """The main run's step table, targets, memory and data summary; returns its JSON record."""
+    manifest = main_run["manifest"]
+    print("\n".join(step_table(main_run, total)))
+    print("\n".join(target_lines(main_run, total)))
+    print(f"peak RSS: {main_run['tree_peak'] / MiB:.0f} MiB process tree "
+          f"(main {main_run['main_peak'] / MiB:.0f} MiB, largest worker {main_run['worker_peak'] / MiB:.0f} MiB)")
+    print(summary_table(manifest))
+    print(format_report(manifest["tokenizer_report"]))
+    tokens = sum(s["tokens"] for s in manifest["sources"].values())
+    print(f"tokens: {tokens:,}  ({total / max(1, tokens):.2f} input bytes per token)")
+    record = {k: v for k, v in main_run.items() if k not in ("manifest", "log")}
+    return {**record, "tokens": tokens, "bytes": total}
+
+
+def print_projection(t: dict[str, Any], total: int) -> dict[str, Any]:
+    """Minutes for 20 GiB on 16 cores. The streaming steps scale with cores (per-core rate from CPU time);
+    tokenizer training is a fixed byte budget (Rust threads; its rate here is per core as well)."""
+    streaming_cpu = sum(t[s]["cpu_seconds"] for s in ("scan", "dedup", "pack"))
+    per_core = total / MiB / streaming_cpu
+    target_mib, target_cores, budget_mib = 20 * GiB / MiB, 16, 1024  # budget: byte_budget_mb's default
+    tok_rate = t["tokenizer"]["bytes"] / MiB / max(1e-9, t["tokenizer"]["cpu_seconds"])
+    streaming_min = target_mib / (per_core * target_cores) / 60
+    tok_min = budget_mib / (tok_rate * target_cores) / 60
+    tok_one_core = budget_mib / tok_rate / 60
+    print(f"projection, 20 GiB on 16 cores: scan+dedup+pack at {per_core:.2f} MiB/s/core -> {streaming_min:.0f} min; "
+          f"tokenizer training on the default {budget_mib} MiB budget at {tok_rate:.2f} MiB/s/core -> between "
+          f"{tok_min:.0f} min (16 cores) and {tok_one_core:.0f} min (1 core: its merge loop is serial); the "
+          f"report's variants (256 MiB each) add ~{2 * 256 / tok_rate / 60:.0f} min at most")
+    return {"streaming": streaming_min, "tokenizer": [tok_min, tok_one_core]}
+
+
+def flat_memory(args: argparse.Namespace, corpus: Path, tmp: Path, base: list[str]) -> dict[str, Any]:
+    """The corpus once and `--replicate` times, dedup off: the peak memory should not grow with the input."""
+    web, books = corpus / "web.jsonl", corpus / "books"
+    flat = [*base, "prepare.dedup.exact=false", "prepare.dedup.near=false",
+            f"prepare.tokenizer_training.byte_budget_mb={args.flat_budget_mb}", "prepare.report.variants=[]"]
+    one = run_prepare(web, books, tmp / "x1", flat)
+    rweb, rbooks = replicate_corpus(corpus, tmp / f"corpus_x{args.replicate}", args.replicate)
+    many = run_prepare(rweb, rbooks, tmp / f"x{args.replicate}", flat)
+    print(f"\nflat memory (dedup off, tokenizer budget {args.flat_budget_mb} MiB):")
+    print(f"{'input':<10} {'MiB':>9} {'docs':>10} {'tree peak MiB':>13} {'main MiB':>8} {'worker MiB':>10}")
+    for label, res, (w, b) in (("1x", one, (web, books)), (f"{args.replicate}x", many, (rweb, rbooks))):
+        docs = sum(s["docs_in"] for s in res["manifest"]["sources"].values())
+        print(f"{label:<10} {corpus_bytes(w, b) / MiB:>9.1f} {docs:>10,} {res['tree_peak'] / MiB:>13.0f} "
+              f"{res['main_peak'] / MiB:>8.0f} {res['worker_peak'] / MiB:>10.0f}")
+    ratio = many["tree_peak"] / max(1, one["tree_peak"])
+    print(f"peak ratio {args.replicate}x / 1x: {ratio:.2f}")
+    return {"x1_peak": one["tree_peak"], f"x{args.replicate}_peak": many["tree_peak"], "ratio": ratio}
 
 
 if __name__ == "__main__":

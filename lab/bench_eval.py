@@ -31,8 +31,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from lab import LabError, run_or_exit
 from lab.evaluate import Report, _output_dir, evaluate
-from lab.quantize import (VARIANTS, default_output_dir, dtype_name, load_model, quantize, quantize_model, read_index,
-                          resolve_device, resolve_dtype, resolve_source, variant_options, weight_bytes)
+from lab.model_io import (default_output_dir, dtype_name, load_model, read_index, resolve_device, resolve_dtype,
+                          resolve_source, weight_bytes)
+from lab.quantize import VARIANTS, quantize, quantize_model, variant_options
+from lab.tables import markdown_table
 
 log = logging.getLogger("lab.bench_eval")
 
@@ -100,14 +102,14 @@ def criteria(reference: Report, variant: Report, bench: Mapping[str, Any], devic
 
 
 def format_criteria(results: list[Criterion], variant: str, reference: str) -> str:
-    lines = [f"| {variant} vs {reference} | value | threshold | result | note |", "|---|---|---|---|---|"]
+    rows = []
     for c in results:
         verdict = "not measured" if c.passed is None else ("PASS" if c.passed else "FAIL")
         value = "" if c.value is None else (f"{c.value:+.3%}" if c.name == "ppl_increase" else f"{c.value:.3f}")
         sign = "<=" if c.name != "decode_speedup_bs1" else ">="
         threshold = f"{sign} {c.threshold:.2%}" if c.name == "ppl_increase" else f"{sign} {c.threshold}"
-        lines.append(f"| {c.name} | {value} | {threshold} | {verdict} | {c.note} |")
-    return "\n".join(lines)
+        rows.append([c.name, value, threshold, verdict, c.note])
+    return markdown_table([f"{variant} vs {reference}", "value", "threshold", "result", "note"], rows)
 
 
 def bench(cfg: DictConfig) -> dict[str, Any]:
@@ -148,6 +150,9 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
 def bench_and_judge(cfg: DictConfig) -> dict:
     from lab.settings import check_knobs
 
+    if cfg.get("runs"):
+        raise LabError(f"lab.bench_eval benchmarks one model: give model_path=<run>/hf, not runs={cfg.runs} "
+                       "(runs= is for lab.quantize and lab.evaluate)")
     summary = bench(check_knobs(cfg, "evaluate"))
     failed = [c["name"] for c in summary["criteria"] if c["passed"] is False]
     if failed:  # a missed criterion fails the command like any other error: one line, exit status 1

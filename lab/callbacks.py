@@ -1,4 +1,5 @@
-"""Callbacks of the training run: throughput/MFU/memory, stage-end exports, a per-step log, energy."""
+"""Callbacks of the training run: throughput/MFU/memory, stage-end exports and generations, a per-step log,
+energy. The export itself (weights, tokenizer, model card, registry) is lab/export.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import lightning as L
 import torch
 
 from lab import LabError
+from lab.export import (export_from_trainer, gathered_weights, mlflow_run_of, model_from_weights, training_command,
+                        weights_are_sharded)
+from lab.generations import GenerationSpec
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -96,28 +100,92 @@ class TrainClock(L.Callback):
 
 
 class StageEnd(L.Callback):
-    """At the end of each curriculum stage (= Lightning epoch): HF export of the weights and a tag."""
+    """At the end of each curriculum stage (= Lightning epoch): HF export of the weights with its model card,
+    generations from a fixed set of prompts (MLflow `generations/<index>-<stage>.md`) and a tag; at the end of
+    training, the generations again (`generations/final.md`)."""
 
     def __init__(self, output_dir: Path, stage_names: list[str], stage_bounds: list[int],
-                 tokenizer_dir: Path | None, export: bool):
+                 tokenizer_dir: Path | None, export: bool, generations: Any = None, seq_len: int | None = None,
+                 command: str | None = None, source_tokens: Callable[[int], dict[str, float]] | None = None):
         self.output_dir = Path(output_dir)
         self.stage_names = stage_names
         self.stage_bounds = stage_bounds
         self.tokenizer_dir = tokenizer_dir
         self.export = export
+        self.generations = GenerationSpec.from_config(generations)  # checked before training starts
+        if self.generations.enabled and tokenizer_dir is None:
+            raise LabError("callbacks.generations need the prepared tokenizer; set callbacks.generations.prompts=[] "
+                           "to train without them")
+        self.seq_len = seq_len
+        self.command = command or training_command()
+        self.source_tokens = source_tokens
+        self._tokenizer: Any = None
+        self._last_generated: tuple[int, list[dict[str, Any]]] | None = None  # (step, results): reused at the end
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        client, run_id = mlflow_run_of(trainer)
+        if client is not None and self.command:
+            client.set_tag(run_id, "command", self.command[:5000])  # MLflow caps tag values
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         index = min(trainer.current_epoch, len(self.stage_names) - 1)
         if trainer.global_step != self.stage_bounds[index + 1]:
             return  # stopped early (max_steps, guard): the stage did not complete
         name = self.stage_names[index]
+        sharded = weights_are_sharded(trainer)
+        weights = gathered_weights(trainer) if self.export or (sharded and self.generations.enabled) else None
         if self.export:
+            metrics = self.source_tokens(trainer.global_step) if self.source_tokens else None
             export_from_trainer(trainer, pl_module, self.output_dir / "hf_stages" / f"{index}-{name}",
-                                self.tokenizer_dir)
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "set_tag") and trainer.is_global_zero:
-                experiment.set_tag(logger.run_id, "stage_completed", name)
+                                self.tokenizer_dir, model_max_length=self.seq_len, weights=weights,
+                                card={"stage": name, "step": trainer.global_step, "command": self.command,
+                                      "metrics": metrics})
+        if self.generations.enabled:
+            self._log_generations(trainer, pl_module, f"{index}-{name}", f"the end of stage `{name}`",
+                                  weights if sharded else None)
+        client, run_id = mlflow_run_of(trainer)
+        if client is not None and trainer.is_global_zero:
+            client.set_tag(run_id, "stage_completed", name)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.generations.enabled:
+            return
+        sharded = weights_are_sharded(trainer)
+        if self._last_generated is not None and self._last_generated[0] == trainer.global_step:
+            results = self._last_generated[1]  # the last stage end is the end: same weights, same texts
+            if trainer.is_global_zero:
+                self._log_text(trainer, "final", "the end of training", results)
+            return
+        self._log_generations(trainer, pl_module, "final", "the end of training",
+                              gathered_weights(trainer) if sharded else None)
+
+    def _log_generations(self, trainer: L.Trainer, pl_module: L.LightningModule, file_name: str, when: str,
+                         weights: dict[str, torch.Tensor] | None) -> None:
+        """Rank 0 generates (from a copy built of the gathered weights when the model is sharded) and logs;
+        the others wait at the barrier."""
+        if trainer.is_global_zero:
+            model = pl_module.model if weights is None else model_from_weights(pl_module, weights)
+            results = self.generations.run(model, self._load_tokenizer())
+            self._last_generated = (trainer.global_step, results)
+            self._log_text(trainer, file_name, when, results)
+        trainer.strategy.barrier("generations")
+
+    def _log_text(self, trainer: L.Trainer, file_name: str, when: str, results: list[dict[str, Any]]) -> None:
+        text = self.generations.markdown(results, f"{when} (optimizer step {trainer.global_step})")
+        client, run_id = mlflow_run_of(trainer)
+        if client is not None:
+            client.log_text(run_id, text, f"generations/{file_name}.md")
+        else:  # no MLflow logger (a bare Trainer): the run folder keeps them
+            path = self.output_dir / "generations" / f"{file_name}.md"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+
+    def _load_tokenizer(self) -> Any:
+        from lab.models import load_tokenizer_folder
+
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer_folder(Path(self.tokenizer_dir))
+        return self._tokenizer
 
 
 class SourceTokens(L.Callback):
@@ -187,29 +255,3 @@ class Energy(L.Callback):
             logger.log_metrics({"energy/kwh": data.energy_consumed, "energy/co2_kg": data.emissions,
                                 "energy/wh_per_mtoken": data.energy_consumed * 1e3 / tokens * 1e6},
                                step=trainer.global_step)
-
-
-def export_from_trainer(trainer: L.Trainer, pl_module: L.LightningModule, folder: Path,
-                        tokenizer_dir: Path | None) -> None:
-    """Export the trained model from every rank's call: the full weights are gathered first (a collective under
-    FSDP, where each rank holds a shard), then rank 0 saves them; the others wait, so none runs ahead."""
-    state = trainer.strategy.lightning_module_state_dict()
-    if trainer.is_global_zero:
-        weights = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
-        export_hf(pl_module.model, folder, tokenizer_dir, state_dict=weights)
-    trainer.strategy.barrier("export_hf")
-
-
-def export_hf(model: torch.nn.Module, folder: Path, tokenizer_dir: Path | None,
-              state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """save_pretrained (safetensors) + the tokenizer, so plain transformers loads and generates."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
-    if tokenizer_dir is not None:
-        from transformers import AutoTokenizer
-
-        if not Path(tokenizer_dir).is_dir():
-            raise LabError(f"tokenizer folder not found: {tokenizer_dir}")
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
-    return folder

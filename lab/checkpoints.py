@@ -1,20 +1,15 @@
-"""Reading checkpoints safely and choosing the one a run resumes from (`ckpt_path=last` or a path)."""
+"""Reading checkpoints safely (plain data only); which one a run resumes from is decided in lab/resume.py."""
 
 from __future__ import annotations
 
-import logging
 import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from lab import LabError
-
-log = logging.getLogger("lab.checkpoints")
-
 
 def read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
     """A Lightning checkpoint read with safe loading (plain data only), or one LabError line saying why not."""
@@ -33,35 +28,3 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
     if not isinstance(checkpoint, dict):
         raise LabError(f"{path} is not a lab.train checkpoint (it holds a {type(checkpoint).__name__})")
     return checkpoint
-
-
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """The checkpoint a run resumes from: a named one (must be readable), or for `last` the newest readable
-    checkpoint among earlier runs with this run_name (single runs and multiruns); unreadable ones are skipped,
-    each named in the log."""
-    if not cfg.ckpt_path:
-        return None
-    if cfg.ckpt_path != "last":
-        path = Path(cfg.ckpt_path)
-        if not path.is_file():
-            raise LabError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        read_checkpoint(path, mmap=True)  # one clear line now rather than Lightning's advice to load unsafely
-        return str(path)
-    root = Path(cfg.paths.root_dir)
-    # every checkpoint counts (step, stage end, guard stop): a run killed before its first step checkpoint
-    # may still have a stage checkpoint
-    candidates = [*root.glob(f"outputs/{cfg.run_name}/*/checkpoints/*.ckpt"),
-                  *root.glob(f"multirun/*/*_{cfg.run_name}/checkpoints/*.ckpt")]
-    if not candidates:
-        raise LabError(f"ckpt_path=last: no earlier checkpoint for run_name={cfg.run_name} under outputs/ or multirun/")
-    for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
-        try:
-            checkpoint = read_checkpoint(path, mmap=True)
-        except LabError as err:
-            log.warning("skipping a checkpoint that cannot be resumed from: %s", err)
-            continue
-        if "state_dict" in checkpoint and "loops" in checkpoint:
-            return str(path)
-        log.warning("skipping %s: not a complete Lightning training checkpoint", path)
-    raise LabError(f"ckpt_path=last: none of the {len(candidates)} checkpoint(s) for run_name={cfg.run_name} can be "
-                   "read (each is named in the log); start a new run without ckpt_path")

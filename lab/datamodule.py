@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lab import LabError
 from lab.data.mixture import (allocate, check_weights, interleave, largest_remainder, source_permutation,
                               source_shares)
-from lab.data.publish import relative_file
+from lab.data.publish import relative_file, verify_prepared
+from lab.schedules import StepSchedule
 
 
 class PackedBlocks(Dataset):
@@ -424,13 +425,31 @@ class CurriculumLoader(DataLoader):
                            "and its settings, or start a new run")
 
 
+@dataclass(frozen=True)
+class DataInfo:
+    """What the module needs to know of the prepared data: block length, val sources and their bytes per token
+    (bits per byte), and the hashes a resume must match."""
+
+    seq_len: int
+    val_sources: list[str]
+    val_bytes_per_token: dict[str, float | None]
+    data_sha256: str
+    tokenizer_sha256: str
+
+    def record(self) -> dict[str, Any]:
+        """Plain containers for the checkpoint's hyper-parameters (loadable with weights_only=True)."""
+        return dataclasses.asdict(self)
+
+
 class CurriculumDataModule(L.LightningDataModule):
     """Training blocks stage by stage (one Lightning epoch each); validation blocks per source."""
 
     def __init__(self, prepared_dir: str | Path, curriculum: Any, seq_len: int, batch_size: int,
-                 val_batch_size: int | None = None, val_max_blocks: int | None = None, shuffle_seed: int = 0,
+                 *, shuffle_seed: int, val_batch_size: int | None = None, val_max_blocks: int | None = None,
                  accumulate_grad_batches: int = 1, num_workers: int = 0):
-        """curriculum: conf/curriculum/<name>.yaml (name, stages, total_tokens) or a bare list of stages."""
+        """curriculum: conf/curriculum/<name>.yaml (name, stages, total_tokens) or a bare list of stages.
+        The keywords' defaults are neutral (validation batch = training batch, every val block, no accumulation,
+        no workers); lab.train passes every one from the config (lab.train.open_data)."""
         super().__init__()
         self.curriculum = parse_curriculum(curriculum)  # checked before the data is even opened
         self.manifest = Manifest.load(prepared_dir)
@@ -504,12 +523,24 @@ class CurriculumDataModule(L.LightningDataModule):
         """Global step at which each stage starts (and, last, the total)."""
         return [0, *np.cumsum(self.stage_steps()).tolist()]
 
-    def stage_at(self, global_step: int) -> int:
+    def step_schedule(self, max_steps: int) -> StepSchedule:
+        """The run's optimizer steps: the curriculum's, cut at trainer.max_steps (-1: no cut). Call after set_world."""
         bounds = self.stage_boundaries()
-        for index in range(len(self.stages)):
-            if global_step < bounds[index + 1]:
-                return index
-        return len(self.stages) - 1
+        schedule = StepSchedule(total_steps=bounds[-1] if max_steps <= 0 else min(bounds[-1], max_steps),
+                                tokens_per_step=self.tokens_per_step, stage_names=[s.name for s in self.stages],
+                                stage_bounds=bounds,
+                                stage_sources=[self.main_sources(i) for i in range(len(self.stages))])
+        if schedule.total_steps < bounds[-2]:
+            cut = schedule.stage_at(schedule.total_steps)
+            log.warning("trainer.max_steps=%d ends inside stage %r: the later stage(s) %s will not run",
+                        schedule.total_steps, schedule.stage_names[cut], schedule.stage_names[cut + 1:])
+        return schedule
+
+    def data_info(self) -> DataInfo:
+        manifest = self.manifest
+        return DataInfo(seq_len=self.seq_len, val_sources=list(self.val_sources),
+                        val_bytes_per_token={s: manifest.bytes_per_token(s, "val") for s in self.val_sources},
+                        data_sha256=manifest.data_sha256, tokenizer_sha256=manifest.tokenizer_sha256)
 
     def main_sources(self, index: int) -> list[str]:
         """The sources a stage trains on for `val/<source>/forgetting`: all of a plain stage, the largest
@@ -575,3 +606,32 @@ def evenly_spaced(n: int, limit: int | None) -> list[int]:
     if not limit or limit >= n:
         return list(range(n))
     return np.linspace(0, n - 1, num=limit).round().astype(int).tolist()
+
+
+# -- the prepared folder a training config reads ---------------------------------------------------------------------
+
+def prepare_command(cfg: DictConfig) -> str:
+    """The lab.prepare command that writes the data this training config reads (its data and tokenizer choices,
+    and every data./tokenizer./prepare. override it was composed with)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_on = HydraConfig.initialized()
+    choices = HydraConfig.get().runtime.choices if hydra_on else {}
+    words = ["python -m lab.prepare"] + [f"{group}={choices[group]}" for group in ("data", "tokenizer")
+                                         if choices.get(group)]
+    words += [f"paths.corpus_dir={cfg.paths.corpus_dir}", f"data.seq_len={cfg.data.seq_len}"]
+    for override in (HydraConfig.get().overrides.task if hydra_on else []):
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith(("data.", "tokenizer.", "prepare.")) and key != "data.seq_len":
+            words.append(override)
+    return " ".join(words)
+
+
+def check_prepared(cfg: DictConfig) -> str:
+    """The prepared folder of `cfg` exists and is what was prepared: sizes always, hashes when data.verify asks or
+    the folder changed. Returns what was checked; a missing or damaged folder is one line naming the command."""
+    folder = Path(str(cfg.data.prepared_dir))
+    if not (folder / "manifest.json").is_file():
+        raise LabError(f"no prepared data at {folder}; prepare it first with: {prepare_command(cfg)}")
+    return verify_prepared(folder, str(cfg.data.verify),
+                           f"re-prepare it (intact steps are reused) with: {prepare_command(cfg)}")

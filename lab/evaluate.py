@@ -2,6 +2,12 @@
 
     python -m lab.evaluate model_path=outputs/<run>/<time>/hf [variants=[fp32,int8wo]] [texts=[a.txt]]
                            [tasks=[data/sample/tasks/ro_mc_sample.jsonl]] [efficiency.compile=true]
+    python -m lab.evaluate runs=experiment:arch_bakeoff_tiny ["run_tags={bakeoff:tiny-v1}"] [run_latest=false]
+
+`runs=experiment:<name>` evaluates the HF export of every finished training run of that MLflow experiment
+(the newest per run name unless run_latest=false; `run_tags` narrows by tags; lab/run_selection.py) in turn,
+each into <output_dir>/<run name>/: a run that fails is reported and the others go on; the command then exits
+non-zero with one line naming the failed runs. Give one of model_path and runs, not both.
 
 For the model (HF folder or lab.train checkpoint) and every variant lab.quantize wrote for it
 (`variants=auto`; without any, the model alone, named by its dtype), measures:
@@ -25,6 +31,7 @@ them beside the training figures. Metric names (v = variant, s = source, t = tex
 
     quant/<v>/val/<s>/loss | ppl | bpb          quant/<v>/text/<t>/loss | ppl | bpb
     quant/<v>/task/<t>/acc | acc_norm | acc_stderr | chance
+    quant/<v>/lm_eval/<task>/<metric>            (lm-eval's own metric names; n = items; lm_eval_tasks=[...])
     quant/<v>/params  quant/<v>/size_mb  quant/<v>/weights_mb  quant/<v>/load_s
     quant/<v>/peak_ram_mb (CPU) | quant/<v>/peak_vram_mb (CUDA)
     quant/<v>/ttft_ms_<prompt length>  quant/<v>/decode_tok_s_bs<batch size>
@@ -55,13 +62,16 @@ from torch import nn
 from transformers.generation.streamers import BaseStreamer
 
 from lab import LabError, run_or_exit
-from lab.quantize import (VARIANTS, ModelSource, quiet_transformers, default_output_dir, disk_bytes, dtype_name,
-                          load_model, load_tokenizer, read_index, resolve_device, resolve_dtype, resolve_source,
+from lab.lm_eval_tasks import check_lm_eval_tasks
+from lab.model_io import (ModelSource, default_output_dir, disk_bytes, dtype_name, load_model, load_tokenizer,
+                          quiet_transformers, read_index, resolve_device, resolve_dtype, resolve_source, sync,
                           weight_bytes)
+from lab.quantize import VARIANTS
+from lab.tables import markdown_table
+from lab.units import MB
 
 log = logging.getLogger("lab.evaluate")
 LN2 = math.log(2.0)
-MB = 1e6
 
 
 # -- which models ---------------------------------------------------------------------------------------------------
@@ -260,11 +270,6 @@ def text_perplexity(model: nn.Module, tokenizer: Any, path: Path, max_length: in
 # -- speed ----------------------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def random_prompt(vocab_size: int, special_ids: Sequence[int], batch: int, length: int,
                   generator: torch.Generator) -> torch.Tensor:
     """[batch, length] ids drawn from the ordinary (non-special) tokens: the content does not matter for timing."""
@@ -318,7 +323,7 @@ def timed_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, kwargs:
     with torch.no_grad():
         for run in range(warmup + repeats):
             clock = TokenClock()
-            _sync(model.device)
+            sync(model.device)
             start = time.perf_counter()
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, streamer=clock, **kwargs)
@@ -422,7 +427,7 @@ def evaluate_entry(entry: Entry, cfg: Mapping[str, Any], device: torch.device, t
     with PeakMemory(device) as memory:
         start = time.perf_counter()
         model, _ = load_model(entry.path, device, entry.cast)
-        _sync(device)
+        sync(device)
         report.metrics["load_s"] = time.perf_counter() - start
         if compile_ and not supports_static_cache(model):
             log.info("%s: no static cache for %s (recurrent state); timed without compile", entry.name,
@@ -460,6 +465,10 @@ def evaluate_entry(entry: Entry, cfg: Mapping[str, Any], device: torch.device, t
         result = score_task(model, tokenizer, load_task(task), name, max_length=window,
                             batch_size=int(cfg.get("batch_size", 8)))
         report.metrics.update({f"task/{name}/{k}": v for k, v in result.metrics().items()})
+    if cfg.get("lm_eval_tasks"):  # lm-eval's own scorer on the same model, beside the lab's (lab/lm_eval_tasks.py)
+        from lab.lm_eval_tasks import lm_eval_metrics
+
+        report.metrics.update(lm_eval_metrics(model, tokenizer, cfg, window, int(cfg.get("batch_size", 8))))
     del model
     return report
 
@@ -574,7 +583,8 @@ def log_reports(reports: Sequence[Report], source: ModelSource, settings: Mappin
         experiment_id = train_run.info.experiment_id
     else:
         experiment_id = get_or_create_experiment("eval", uri)
-    tags = {"kind": "eval", "model_source": str(source.path), **git_info()}
+    tags = {"kind": "eval", "model_source": str(source.path), **git_info(),
+            **{str(k): str(v) for k, v in (settings.get("tags") or {}).items()}}
     if train_run is not None:
         tags.update({"eval_of": train_run.info.run_id, "mlflow.parentRunId": train_run.info.run_id})
         for key in ("arch", "size", "seed", "data_sha256", "tokenizer_sha256"):
@@ -609,19 +619,14 @@ def _column_order(key: str) -> tuple[int, int, str]:
 
 def format_table(reports: Sequence[Report]) -> str:
     """variant x metric, as a markdown table (quality columns only where a loss is not repeated)."""
-    keys = sorted({k for r in reports for k in r.metrics if not k.endswith(("/loss", "/acc_stderr", "/chance"))},
+    keys = sorted({k for r in reports for k in r.metrics if not k.endswith(("/loss", "_stderr", "/chance", "/n"))},
                   key=_column_order)
     chance = {k.rsplit("/", 1)[0]: v for r in reports for k, v in r.metrics.items() if k.endswith("/chance")}
     header = ["variant", *[k + (f" (chance {chance[k.rsplit('/', 1)[0]]:.3f})" if k.endswith("/acc") and
                                 k.rsplit("/", 1)[0] in chance else "") for k in keys]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for report in reports:
-        cells = [report.name]
-        for key in keys:
-            value = report.metrics.get(key)
-            cells.append("" if value is None else _fmt(key, value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[report.name, *("" if report.metrics.get(key) is None else _fmt(key, report.metrics[key]) for key in keys)]
+            for report in reports]
+    return markdown_table(header, rows)
 
 
 def _fmt(key: str, value: float) -> str:
@@ -645,6 +650,7 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> list[Report]:
     source = resolve_source(cfg.get("model_path"))
     for what in ("texts", "tasks"):  # a name clash is an error before any model is loaded
         metric_names(list(cfg.get(what) or []), what)
+    check_lm_eval_tasks(cfg)  # names, options, task folders, lm-eval installed: before any model loads
     device = resolve_device(cfg.get("device"))
     dtype = resolve_dtype(cfg.get("dtype"), device)
     threads = set_threads(cfg.get("threads"))
@@ -686,11 +692,25 @@ def _output_dir(cfg: Mapping[str, Any]) -> Path | None:
     return None
 
 
+def evaluate_command(cfg: DictConfig | Mapping[str, Any]) -> list[Report] | dict[str, list[Report]]:
+    """`model_path=`: evaluate that model and its variants. `runs=`: each selected run's export in turn (eval.json
+    in <output_dir>/<run name>/), going on past failures; {run label: reports}, or one LabError line at the end."""
+    from lab.run_selection import for_each_model, model_config, selection_from_config
+
+    selection = selection_from_config(cfg, (cfg.get("mlflow") or {}).get("tracking_uri"))
+    if selection is None:
+        return evaluate(cfg)
+    out_dir = _output_dir(cfg)
+    folders = ("output_dir", "quantized_dir")
+    return for_each_model(selection, lambda run: evaluate(model_config(
+        cfg, run, folders, output_dir=str(out_dir) if out_dir else None)), "lab.evaluate")
+
+
 @hydra.main(config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     from lab.settings import check_knobs
 
-    run_or_exit(lambda checked: evaluate(check_knobs(checked, "evaluate")), cfg, log)
+    run_or_exit(lambda checked: evaluate_command(check_knobs(checked, "evaluate")), cfg, log)
 
 
 if __name__ == "__main__":

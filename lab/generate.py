@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from lab import LabError, run_or_exit
-from lab.quantize import quiet_transformers, load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
+from lab.model_io import load_model, load_tokenizer, quiet_transformers, resolve_device, resolve_dtype, resolve_source
 
 log = logging.getLogger("lab.generate")
 

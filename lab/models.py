@@ -330,11 +330,6 @@ def kv_heads(model: nn.Module) -> int | None:
     return None
 
 
-def round_vocab(vocab_size: int, multiple: int = 64) -> int:
-    """Embedding rows padded to a multiple of 64: faster matmuls, unused rows never get a target."""
-    return int(math.ceil(vocab_size / multiple) * multiple)
-
-
 # -- HF folders (model_path=, init_from=) --------------------------------------------------------------------------
 # Tokenizer classes a folder may ask for: the fast tokenizer the lab saves (tokenizer.json, no code of its own).
 FILE_TOKENIZER_CLASSES = {"PreTrainedTokenizerFast", "TokenizersBackend"}

@@ -18,38 +18,45 @@ import torch
 from torch import nn
 
 from lab import LabError
+from lab.datamodule import DataInfo
 from lab.kernels import FastPaths, apply_fast_paths, causal_lm_loss, compile_model
 from lab.models import build_config, build_model, check_hf_folder, count_params
-from lab.schedules import lr_multiplier
+from lab.schedules import StepSchedule, lr_multiplier
+from lab.settings import TrainSettings
 
 LN2 = math.log(2.0)
 log = logging.getLogger("lab.module")
 
 
 class CausalLMModule(L.LightningModule):
-    def __init__(self, arch: Mapping[str, Any], size: Mapping[str, Any] | None, optim: Mapping[str, Any],
-                 scheduler: Mapping[str, Any], train: Mapping[str, Any], schedule: Mapping[str, Any],
-                 data_info: Mapping[str, Any], config_overrides: Mapping[str, Any] | None = None,
+    def __init__(self, arch: Mapping[str, Any], size: Mapping[str, Any] | None, settings: TrainSettings,
+                 schedule: StepSchedule, data_info: DataInfo, config_overrides: Mapping[str, Any] | None = None,
                  init_from: str | None = None):
         """
-        arch/size: the resolved conf/arch and conf/size nodes; config_overrides: fields set from the
-        data (vocab size, special token ids). schedule: total_steps, tokens_per_step, stage_names,
-        stage_bounds. data_info: seq_len, val bytes-per-token per source, data/tokenizer hashes.
+        arch/size: the resolved conf/arch and conf/size nodes; config_overrides: fields set from the data
+        (vocab size, special token ids). settings: the checked config (optim, scheduler and train are read
+        here). schedule: the run's optimizer steps by stage. data_info: the prepared data's facts.
         """
         super().__init__()
-        # plain containers only, so checkpoints load with weights_only=True; lab.train logs the whole
-        # resolved config as MLflow params itself (logger=False avoids a second, slash-keyed copy)
-        self.save_hyperparameters(logger=False)
+        # The checkpoint keeps plain containers only, so it loads with weights_only=True (lab.model_io rebuilds
+        # the model from arch, size and config_overrides); lab.train logs the whole resolved config as MLflow
+        # params itself (logger=False avoids a second, slash-keyed copy).
+        self.save_hyperparameters({"arch": dict(arch), "size": dict(size) if size is not None else None,
+                                   "optim": settings.optim.record(), "scheduler": settings.scheduler.record(),
+                                   "train": settings.train.record(), "schedule": schedule.record(),
+                                   "data_info": data_info.record(), "config_overrides": dict(config_overrides or {}),
+                                   "init_from": init_from}, logger=False)
+        self.settings, self.schedule, self.data_info = settings, schedule, data_info
         self.config = build_config(arch, size, **(config_overrides or {}))
         self.model = build_model(self.config)
         if init_from:
-            self._load_initial_weights(init_from)
-        if train.get("activation_checkpointing"):
+            load_initial_weights(self.model, init_from)
+        if settings.train.activation_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.fast_paths: FastPaths | None = None  # chosen in setup(), once the device is known
         self.params = count_params(self.model)
-        self.seq_len = int(data_info["seq_len"])
-        self.tokens_per_step = int(schedule["tokens_per_step"])
+        self.seq_len = data_info.seq_len
+        self.tokens_per_step = schedule.tokens_per_step
         self._loss_ema: float | None = None
         self.skipped_steps = 0
         self.stop_reason: str | None = None
@@ -58,36 +65,17 @@ class CausalLMModule(L.LightningModule):
         self.last_val_step: int | None = None
 
     # -- model ------------------------------------------------------------------------------------------
-    def _load_initial_weights(self, folder: str) -> None:
-        from transformers import AutoModelForCausalLM
-
-        if not Path(folder).is_dir():
-            raise LabError(f"init_from={folder!r} is not a folder (expected an HF save_pretrained export)")
-        check_hf_folder(Path(folder))  # a folder from elsewhere: one of the lab's config classes, no code
-        try:
-            source = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
-        except Exception as err:  # noqa: BLE001 - safetensors, torch and transformers each raise their own types
-            raise LabError(f"init_from={folder}: the weights cannot be loaded ({type(err).__name__}); "
-                           "the folder is damaged or does not match its config.json") from None
-        ours, theirs = self.model.state_dict(), source.state_dict()
-        mismatched = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
-        if mismatched:
-            raise LabError(f"init_from={folder}: {len(mismatched)} weights do not fit this arch "
-                           f"(first: {mismatched[:3]}); continued pretraining needs the same shapes")
-        self.model.load_state_dict(theirs, strict=False)
-
     def setup(self, stage: str) -> None:
         """Pick the attention/SSM kernels for the device this rank runs on, then compile (in place, so
         parameter names and checkpoints stay unchanged). Everything falls back to torch paths on CPU."""
         if self.fast_paths is not None:
             return
-        train = self.hparams.train
-        self.fast_paths = apply_fast_paths(self.model, self.trainer.strategy.root_device,
-                                           attention=train.get("attention", "auto"))
+        train = self.settings.train
+        self.fast_paths = apply_fast_paths(self.model, self.trainer.strategy.root_device, attention=train.attention)
         for note in self.fast_paths.notes:
             log.info("fast paths: %s", note)
-        if train.get("compile"):
-            compile_model(self.model, chunked_loss=bool(train.get("loss_chunk_size")))
+        if train.compile:
+            compile_model(self.model, chunked_loss=bool(train.loss_chunk_size))
         if self.trainer.is_global_zero and self.logger is not None:
             try:
                 self.logger.log_hyperparams(self.fast_paths.as_params())
@@ -96,7 +84,7 @@ class CausalLMModule(L.LightningModule):
 
     def loss(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of a batch of blocks. input_ids: [batch, seq_len]."""
-        return causal_lm_loss(self.model, input_ids, chunk_size=self.hparams.train.get("loss_chunk_size"))
+        return causal_lm_loss(self.model, input_ids, chunk_size=self.settings.train.loss_chunk_size)
 
     # -- training -----------------------------------------------------------------------------------------
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
@@ -109,21 +97,21 @@ class CausalLMModule(L.LightningModule):
         return loss
 
     def _is_bad(self, loss: torch.Tensor) -> bool:
-        guard = self.hparams.train.get("guard", {})
+        guard = self.settings.train.guard
         bad = not torch.isfinite(loss.detach()).item()
-        if not bad and self._loss_ema is not None and self.global_step >= guard.get("warmup_steps", 20):
-            bad = loss.detach().item() > guard.get("spike_factor", 4.0) * self._loss_ema
+        if not bad and self._loss_ema is not None and self.global_step >= guard.warmup_steps:
+            bad = loss.detach().item() > guard.spike_factor * self._loss_ema
         if self.trainer.world_size > 1:  # every rank must agree, or the skipped rank hangs in all-reduce
             flag = torch.tensor(float(bad), device=loss.device)
             bad = bool(self.trainer.strategy.reduce(flag, reduce_op="max").item())
         return bad
 
     def _handle_bad_step(self, loss: torch.Tensor) -> None:
-        guard = self.hparams.train.get("guard", {})
+        guard = self.settings.train.guard
         self.skipped_steps += 1
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
         detail = f"loss {loss.detach().item():.4g} at step {self.global_step} (running mean {self._loss_ema})"
-        if guard.get("action", "skip") == "stop" or self.skipped_steps > guard.get("max_skips", 20):
+        if guard.action == "stop" or self.skipped_steps > guard.max_skips:
             self.stop_reason = f"loss guard stopped the run: {detail}; skipped steps so far: {self.skipped_steps}"
             self.trainer.should_stop = True
         return None  # Lightning then skips backward and the optimizer step for this batch
@@ -146,22 +134,14 @@ class CausalLMModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: torch.Tensor, batch_idx: int) -> None:
         self.log("tokens_seen", float(self.global_step * self.tokens_per_step), on_step=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
-        self.log("stage", float(self.current_stage), on_step=True)
-
-    @property
-    def current_stage(self) -> int:
-        bounds = self.hparams.schedule["stage_bounds"]
-        for index in range(len(bounds) - 1):
-            if self.global_step < bounds[index + 1]:
-                return index
-        return len(bounds) - 2
+        self.log("stage", float(self.schedule.stage_at(self.global_step)), on_step=True)
 
     # -- validation, per domain -----------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val_sums = {}
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
-        source = self.hparams.data_info["val_sources"][dataloader_idx]
+        source = self.data_info.val_sources[dataloader_idx]
         n_predicted = batch.shape[0] * (batch.shape[1] - 1)  # one target per position after the first
         loss_sum = self.loss(batch).detach().float() * n_predicted
         sums = self._val_sums.setdefault(source, torch.zeros(2, device=self.device, dtype=torch.float64))
@@ -170,7 +150,7 @@ class CausalLMModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self._val_sums:
             return
-        bytes_per_token = self.hparams.data_info.get("val_bytes_per_token", {})
+        bytes_per_token = self.data_info.val_bytes_per_token
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
         losses: dict[str, float] = {}
         for source, sums in sorted(self._val_sums.items()):
@@ -190,33 +170,28 @@ class CausalLMModule(L.LightningModule):
         self._remember_stage_end(losses)
 
     def _remember_stage_end(self, losses: Mapping[str, float]) -> None:
-        schedule = self.hparams.schedule
-        bounds, sources = schedule["stage_bounds"], schedule["stage_sources"]
-        for index in range(len(bounds) - 1):
-            if self.global_step == bounds[index + 1]:
-                for source in sources[index]:
-                    if source in losses:
-                        self._stage_end_val[source] = losses[source]
+        ended = self.schedule.stage_ending_at(self.global_step)
+        if ended is not None:
+            for source in self.schedule.stage_sources[ended]:
+                if source in losses:
+                    self._stage_end_val[source] = losses[source]
 
     # -- optimisation ---------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        optim = self.hparams.optim
-        fused = optim.get("fused", "auto")
-        fused = torch.cuda.is_available() and self.device.type == "cuda" if fused == "auto" else bool(fused)
-        optimizer = torch.optim.AdamW(param_groups(self.model, optim["weight_decay"]), lr=optim["lr"],
-                                      betas=tuple(optim["betas"]), eps=optim["eps"], fused=fused or None)
-        schedule = self.hparams.schedule
-        multiplier = lr_multiplier(self.hparams.scheduler, schedule["total_steps"], schedule["tokens_per_step"],
-                                   schedule["stage_names"], schedule["stage_bounds"])
+        optim, schedule = self.settings.optim, self.schedule
+        fused = torch.cuda.is_available() and self.device.type == "cuda" if optim.fused == "auto" else optim.fused
+        optimizer = torch.optim.AdamW(param_groups(self.model, optim.weight_decay), lr=optim.lr,
+                                      betas=optim.betas, eps=optim.eps, fused=fused or None)
+        multiplier = lr_multiplier(self.settings.scheduler, schedule.total_steps, schedule.tokens_per_step,
+                                   schedule.stage_names, schedule.stage_bounds)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoints: provenance and RNG for exact resume ---------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        info = self.hparams.data_info
         checkpoint["lab"] = {
-            "data_sha256": info.get("data_sha256"),
-            "tokenizer_sha256": info.get("tokenizer_sha256"),
+            "data_sha256": self.data_info.data_sha256,
+            "tokenizer_sha256": self.data_info.tokenizer_sha256,
             "loss_ema": self._loss_ema,
             "skipped_steps": self.skipped_steps,
             "stage_end_val": dict(self._stage_end_val),
@@ -238,12 +213,13 @@ class CausalLMModule(L.LightningModule):
         if progress:
             for counts in (progress["current"], progress["total"]):
                 counts["processed"] = min(counts["processed"], counts["completed"])
+        # a checkpoint is read as it was written, by this or an older lab: every key may be absent
         saved = checkpoint.get("lab", {})
-        info = self.hparams.data_info
         for key in ("data_sha256", "tokenizer_sha256"):
-            if saved.get(key) and info.get(key) and saved[key] != info[key]:
+            ours = getattr(self.data_info, key)
+            if saved.get(key) and ours and saved[key] != ours:
                 raise LabError(f"cannot resume: the checkpoint was trained with {key}={saved[key][:12]}…, but the "
-                               f"prepared data now has {info[key][:12]}…; resume with the data it was trained on")
+                               f"prepared data now has {ours[:12]}…; resume with the data it was trained on")
         self._loss_ema = saved.get("loss_ema")
         self.skipped_steps = saved.get("skipped_steps", 0)
         self._stage_end_val = dict(saved.get("stage_end_val", {}))
@@ -255,6 +231,26 @@ class CausalLMModule(L.LightningModule):
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def load_initial_weights(model: nn.Module, folder: str) -> None:
+    """init_from: the weights of an HF folder (checked like any model from elsewhere) into `model`; shapes must fit."""
+    from transformers import AutoModelForCausalLM
+
+    if not Path(folder).is_dir():
+        raise LabError(f"init_from={folder!r} is not a folder (expected an HF save_pretrained export)")
+    check_hf_folder(Path(folder))  # a folder from elsewhere: one of the lab's config classes, no code
+    try:
+        source = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 - safetensors, torch and transformers each raise their own types
+        raise LabError(f"init_from={folder}: the weights cannot be loaded ({type(err).__name__}); "
+                       "the folder is damaged or does not match its config.json") from None
+    ours, theirs = model.state_dict(), source.state_dict()
+    mismatched = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
+    if mismatched:
+        raise LabError(f"init_from={folder}: {len(mismatched)} weights do not fit this arch "
+                       f"(first: {mismatched[:3]}); continued pretraining needs the same shapes")
+    model.load_state_dict(theirs, strict=False)
 
 
 def _numpy_state() -> list[Any]:

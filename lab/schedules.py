@@ -1,34 +1,64 @@
-"""Learning-rate schedules as multipliers of the peak lr, computed from the step budget.
+"""The step budget of a run and the learning-rate schedule over it.
 
-Both shapes are derived from the token budget (curriculum.stages -> optimizer steps), never from
-hard-coded step counts: the same config trains a tiny demo and the full 5.6B-token run.
+`StepSchedule` is the curriculum turned into optimizer steps (stage boundaries, total, tokens per step), known
+once the world size is; `lr_multiplier` shapes the lr over it. Both come from the token budget
+(curriculum.stages -> optimizer steps), never from hard-coded step counts: the same config trains a tiny demo
+and the full 5.6B-token run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 from lab import LabError
+from lab.settings import Scheduler, WsdScheduler
 
 
-def warmup_steps(cfg: Mapping[str, Any], total_steps: int, tokens_per_step: int) -> int:
-    if cfg.get("warmup_tokens"):
-        return max(1, math.ceil(cfg["warmup_tokens"] / tokens_per_step))
-    return max(1, math.ceil(cfg.get("warmup_fraction", 0.0) * total_steps))
+@dataclasses.dataclass(frozen=True)
+class StepSchedule:
+    """Optimizer steps of a run: stage i covers the global steps [stage_bounds[i], stage_bounds[i + 1])."""
+
+    total_steps: int                       # the curriculum's steps, or fewer when trainer.max_steps cuts it
+    tokens_per_step: int
+    stage_names: list[str]
+    stage_bounds: list[int]                # [0, end of stage 0, ..., end of the curriculum]
+    stage_sources: list[list[str]]         # the sources each stage trains on (val/<source>/forgetting)
+
+    def stage_at(self, global_step: int) -> int:
+        """The stage that trains at `global_step` (the last one from its end on)."""
+        for index in range(len(self.stage_names)):
+            if global_step < self.stage_bounds[index + 1]:
+                return index
+        return len(self.stage_names) - 1
+
+    def stage_ending_at(self, global_step: int) -> int | None:
+        """The stage whose last step is `global_step - 1`, if one ends there."""
+        ends = self.stage_bounds[1:]
+        return ends.index(global_step) if global_step in ends else None
+
+    def record(self) -> dict[str, Any]:
+        """Plain containers for the checkpoint's hyper-parameters (loadable with weights_only=True)."""
+        return dataclasses.asdict(self)
 
 
-def lr_multiplier(cfg: Mapping[str, Any], total_steps: int, tokens_per_step: int,
+def warmup_steps(scheduler: Scheduler, total_steps: int, tokens_per_step: int) -> int:
+    if scheduler.warmup_tokens:
+        return max(1, math.ceil(scheduler.warmup_tokens / tokens_per_step))
+    return max(1, math.ceil(scheduler.warmup_fraction * total_steps))
+
+
+def lr_multiplier(scheduler: Scheduler, total_steps: int, tokens_per_step: int,
                   stage_names: Sequence[str] = (), stage_bounds: Sequence[int] = ()) -> Callable[[int], float]:
     """step -> lr / peak lr for the configured schedule (`cosine` or `wsd`)."""
-    name = cfg.get("name", "cosine")
-    warmup = min(warmup_steps(cfg, total_steps, tokens_per_step), max(1, total_steps - 1))
-    floor = float(cfg.get("min_lr_ratio", 0.0))
+    warmup = min(warmup_steps(scheduler, total_steps, tokens_per_step), max(1, total_steps - 1))
+    floor = float(scheduler.min_lr_ratio)
 
     def ramp(step: int) -> float | None:
         return (step + 1) / warmup if step < warmup else None
 
-    if name == "cosine":
+    if scheduler.name == "cosine":
         def cosine(step: int) -> float:
             up = ramp(step)
             if up is not None:
@@ -37,10 +67,9 @@ def lr_multiplier(cfg: Mapping[str, Any], total_steps: int, tokens_per_step: int
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
         return cosine
 
-    if name == "wsd":
-        decay_start, decay_end = _decay_window(cfg, total_steps, stage_names, stage_bounds)
+    if scheduler.name == "wsd" and isinstance(scheduler, WsdScheduler):
+        decay_start, decay_end = _decay_window(scheduler, total_steps, stage_names, stage_bounds)
         decay_start = max(decay_start, warmup)
-        shape = cfg.get("decay_shape", "linear")
 
         def wsd(step: int) -> float:
             up = ramp(step)
@@ -49,25 +78,24 @@ def lr_multiplier(cfg: Mapping[str, Any], total_steps: int, tokens_per_step: int
             if step < decay_start:
                 return 1.0
             progress = min(1.0, (step - decay_start) / max(1, decay_end - decay_start))
-            if shape == "cosine":
+            if scheduler.decay_shape == "cosine":
                 fall = 0.5 * (1 + math.cos(math.pi * progress))
-            elif shape == "sqrt":
+            elif scheduler.decay_shape == "sqrt":
                 fall = 1 - math.sqrt(progress)
             else:
                 fall = 1 - progress
             return floor + (1 - floor) * fall
         return wsd
 
-    raise LabError(f"unknown scheduler.name {name!r}: expected cosine or wsd")
+    raise LabError(f"unknown scheduler.name {scheduler.name!r}: expected cosine or wsd (with its decay_* settings)")
 
 
-def _decay_window(cfg: Mapping[str, Any], total_steps: int, stage_names: Sequence[str],
+def _decay_window(scheduler: WsdScheduler, total_steps: int, stage_names: Sequence[str],
                   stage_bounds: Sequence[int]) -> tuple[int, int]:
-    stage = cfg.get("decay_stage")
+    stage = scheduler.decay_stage
     if stage:
         if stage not in stage_names:
             raise LabError(f"scheduler.decay_stage={stage!r} is not a curriculum stage ({list(stage_names)})")
         index = list(stage_names).index(stage)
         return int(stage_bounds[index]), int(stage_bounds[index + 1])
-    fraction = float(cfg.get("decay_fraction", 0.2))
-    return int(round(total_steps * (1 - fraction))), total_steps
+    return int(round(total_steps * (1 - scheduler.decay_fraction))), total_steps

@@ -115,6 +115,17 @@ def _precisions() -> tuple[str, ...]:
     return ("auto", *dict.fromkeys(str(v) for v in flat(_PRECISION_INPUT)))
 
 
+_ABSENT = object()
+
+
+def required(cfg: DictConfig, key: str) -> Any:
+    """cfg's value at the dotted `key`; a key the YAML lost is one LabError line, never a default from code."""
+    value = OmegaConf.select(cfg, key, default=_ABSENT)
+    if value is _ABSENT:
+        raise LabError(f"{key} is missing from the config (it has no default in code; restore it in conf/)")
+    return value
+
+
 def field(check: Check) -> Any:
     return dataclasses.field(metadata={"check": check})
 
@@ -136,6 +147,19 @@ class Node:
             check = f.metadata.get("check")
             values[f.name] = check(node[f.name], key) if check else node[f.name]
         return cls(**values)
+
+    def record(self) -> dict[str, Any]:
+        """The node as plain containers (lists, not tuples), as the config held it: what a checkpoint saves, so
+        it loads with weights_only=True."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +211,7 @@ class Train(Node):
 
 @dataclasses.dataclass(frozen=True)
 class Trainer(Node):
+    accelerator: str = field(text)
     devices: Any = field(devices)
     num_nodes: int = field(integer(1))
     precision: str = field(lambda value, key: choice(*_precisions())(str(value), key))
@@ -216,15 +241,29 @@ class TrainSettings:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "TrainSettings":
         """Check the composed lab.train config; raises one LabError line for the first bad value."""
-        scheduler_cls = WsdScheduler if cfg.scheduler.get("name") == "wsd" else Scheduler
+        scheduler_cls = WsdScheduler if required(cfg, "scheduler.name") == "wsd" else Scheduler
+        check_export_callbacks(cfg)
         return cls(seed=integer(0)(cfg.seed, "seed"),
                    seq_len=integer(2)(cfg.data.seq_len, "data.seq_len"),
-                   shuffle_seed=integer(0)(cfg.data.get("shuffle_seed"), "data.shuffle_seed"),
+                   shuffle_seed=integer(0)(required(cfg, "data.shuffle_seed"), "data.shuffle_seed"),
                    optim=Optim.parse(cfg.optim, "optim"),
                    scheduler=scheduler_cls.parse(cfg.scheduler, "scheduler"),
                    train=Train.parse(cfg.train, "train"),
                    trainer=Trainer.parse(cfg.trainer, "trainer"),
                    checkpoint=Checkpointing.parse(cfg.callbacks.checkpoint, "callbacks.checkpoint"))
+
+
+def check_export_callbacks(cfg: DictConfig) -> None:
+    """The generations and model-registry settings, checked before the MLflow run exists (they act at stage ends)."""
+    from lab.generations import GenerationSpec
+
+    generations = required(cfg, "callbacks.generations")
+    if generations is not None:  # null: no generations
+        GenerationSpec.from_config(generations)
+    register = boolean(required(cfg, "callbacks.register_model"), "callbacks.register_model")
+    if register and not boolean(required(cfg, "train.export_hf"), "train.export_hf"):
+        raise LabError("callbacks.register_model=true registers the final hf/ export, but train.export_hf=false "
+                       "writes none; set train.export_hf=true or callbacks.register_model=false")
 
 
 # -- the other commands' key numeric knobs (checked where present; null keeps the command's own handling) --------

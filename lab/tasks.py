@@ -9,11 +9,12 @@ One item per line:
 choice (lm-eval's length normalisation), `chance` is the mean of 1/len(choices): the accuracy of
 guessing. The same numbers for any arch, float or quantized: only the model's logits are used.
 
-The HF exports (and lab.quantize's variant folders) also run in lm-eval itself for the public
-Romanian benchmarks, e.g.
-`lm_eval --model hf --model_args pretrained=<export>,dtype=float32 --tasks belebele_ron_Latn,xquad_ro`;
-data/sample/tasks/lm_eval/ holds the sample task in lm-eval's format, on which both give the same
-acc and acc_norm (see experiments/2026-12-01_quantize_eval/README.md).
+The scores are lm-eval's (`HFLM._encode_pair` and `_loglikelihood_tokens`, lm-eval 0.4), token for token:
+whitespace at the end of the context moves into the continuation; the continuation is what follows the
+context's own token count in the encoding of the whole string; an input longer than the window keeps its
+last window + 1 tokens (the last one is only predicted). So `lab.evaluate "lm_eval_tasks=[...]"` (lab/
+lm_eval_tasks.py) and this scorer give the same per-item log-likelihoods, acc and acc_norm on the same
+items (tests/test_lm_eval.py checks it on data/sample/tasks/lm_eval/).
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ def load_task(path: str | Path) -> list[MCItem]:
         if not isinstance(row, dict):
             raise LabError(f"{where}: expected an object with context, choices, label")
         context, choices, label = row.get("context"), row.get("choices"), row.get("label")
-        if not isinstance(context, str) or not context:
-            raise LabError(f"{where}: `context` must be a non-empty string")
+        if not isinstance(context, str) or not context.strip():
+            # lm-eval moves trailing whitespace into the choice: a blank context would leave nothing to condition on
+            raise LabError(f"{where}: `context` must be a string with some non-whitespace text")
         if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
             raise LabError(f"{where}: `choices` must be a list of at least two non-empty strings")
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
@@ -90,61 +92,84 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def continuation_ids(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids), split where the context's own tokens end.
+    """(context ids, continuation ids) as lm-eval's `_encode_pair` splits them.
 
-    The whole string is encoded once so a merge across the boundary tokenizes as the model saw text
-    in training; when the joint encoding does not start with the context's tokens, the two parts are
-    encoded separately.
+    Whitespace at the end of the context moves to the front of the continuation (a BPE writes a space with
+    the word after it), the whole string is encoded once, and the continuation is every token after the
+    first len(context ids): a merge across the boundary tokenizes as the model saw text in training.
+    Only where nothing is left after the context (lm-eval stops on such a pair) is the continuation encoded
+    on its own.
     """
-    context_ids = _encode(tokenizer, context)
-    whole = _encode(tokenizer, context + continuation)
-    if whole[: len(context_ids)] == context_ids and len(whole) > len(context_ids):
-        return context_ids, whole[len(context_ids):]
-    return context_ids, _encode(tokenizer, continuation)
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    context_ids = _encode(tokenizer, stripped)
+    if not context_ids:
+        raise LabError(f"context {context!r} has no tokens once its trailing whitespace goes to the choice")
+    tail = _encode(tokenizer, stripped + continuation)[len(context_ids):]
+    return context_ids, tail or _encode(tokenizer, continuation)
 
 
 @torch.no_grad()
 def choice_logprobs(model: nn.Module, requests: Sequence[tuple[list[int], list[int]]], max_length: int,
                     batch_size: int = 16) -> list[float]:
-    """Summed log P(continuation | context) for each (context ids, continuation ids) pair."""
+    """Summed log P(continuation | context) for each (context ids, continuation ids) pair.
+
+    As lm-eval: of context + continuation the last max_length + 1 tokens are kept and the model reads all
+    but the last, so every continuation token is predicted and the context keeps max_length + 1 - len(cont)
+    tokens. A continuation longer than max_length cannot be scored (a LabError).
+    """
     device = next(model.parameters()).device
     scores: list[float] = []
     for start in range(0, len(requests), batch_size):
         batch = []
         for context, continuation in requests[start : start + batch_size]:
-            ids = (context + continuation)[-max_length:]  # left-truncate the context if it is too long
-            batch.append((ids, min(len(continuation), len(ids) - 1)))
-        width = max(len(ids) for ids, _ in batch)
+            if not context or not continuation or len(continuation) > max_length:
+                raise LabError(f"cannot score a continuation of {len(continuation)} tokens after {len(context)} "
+                               f"context tokens in a window of {max_length}")
+            ids = (context + continuation)[-(max_length + 1):]
+            batch.append((ids[:-1], ids[-len(continuation):]))
+        width = max(len(inputs) for inputs, _ in batch)
         input_ids = torch.zeros(len(batch), width, dtype=torch.long)        # [B, T], right-padded
         attention = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, (ids, _) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention[row, : len(ids)] = 1
+        for row, (inputs, _) in enumerate(batch):
+            input_ids[row, : len(inputs)] = torch.tensor(inputs)
+            attention[row, : len(inputs)] = 1
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
         logprobs = F.log_softmax(logits.float(), dim=-1).cpu()                 # [B, T, V]
-        for row, (ids, n_cont) in enumerate(batch):
-            targets = torch.tensor(ids[len(ids) - n_cont:])                    # [n_cont]
-            # position t predicts token t+1: the continuation's tokens are predicted from len-n_cont-1 on
-            positions = torch.arange(len(ids) - n_cont - 1, len(ids) - 1)
-            scores.append(logprobs[row, positions, targets].sum().item())
+        for row, (inputs, targets) in enumerate(batch):
+            # position t predicts token t+1: the last len(targets) input positions predict the continuation
+            positions = torch.arange(len(inputs) - len(targets), len(inputs))
+            scores.append(logprobs[row, positions, torch.tensor(targets)].sum().item())
     return scores
+
+
+def item_logprobs(model: nn.Module, tokenizer: Any, items: Sequence[MCItem], delimiter: str = " ",
+                  max_length: int = 2048, batch_size: int = 16) -> list[list[float]]:
+    """Per item, the summed log-likelihood of each choice (lm-eval's `resps` of a multiple_choice task)."""
+    requests = []
+    for item in items:
+        for number, choice in enumerate(item.choices):
+            request = continuation_ids(tokenizer, item.context, delimiter + choice)
+            if len(request[1]) > max_length:
+                raise LabError(f"item {item.id}: choice {number} is {len(request[1])} tokens long, more than the "
+                               f"scoring window of {max_length}; shorten it")
+            requests.append(request)
+    scores = choice_logprobs(model, requests, max_length, batch_size)
+    per_item, offset = [], 0
+    for item in items:
+        per_item.append(scores[offset : offset + len(item.choices)])
+        offset += len(item.choices)
+    return per_item
 
 
 def score_task(model: nn.Module, tokenizer: Any, items: Sequence[MCItem], name: str = "task",
                delimiter: str = " ", max_length: int = 2048, batch_size: int = 16) -> MCResult:
     """acc, acc_norm and chance of `items` under the model."""
-    requests = []
-    for item in items:
-        for choice in item.choices:
-            requests.append(continuation_ids(tokenizer, item.context, delimiter + choice))
-    scores = choice_logprobs(model, requests, max_length, batch_size)
     correct = correct_norm = 0
     chance = 0.0
-    offset = 0
-    for item in items:
-        item_scores = scores[offset : offset + len(item.choices)]
-        offset += len(item.choices)
+    for item, item_scores in zip(items, item_logprobs(model, tokenizer, items, delimiter, max_length, batch_size)):
         normalised = [s / len(c) for s, c in zip(item_scores, item.choices)]
+        # the first of equal scores wins, as numpy's argmax in lm-eval
         correct += int(max(range(len(item_scores)), key=item_scores.__getitem__) == item.label)
         correct_norm += int(max(range(len(normalised)), key=normalised.__getitem__) == item.label)
         chance += 1 / len(item.choices)

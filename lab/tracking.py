@@ -144,7 +144,8 @@ def params_from_config(config: Mapping[str, Any]) -> dict[str, str]:
 # Run params that say how a run was launched, shown, checkpointed or recorded, and where its data
 # lives (the data's content is pinned by data_sha256), not what it trains. Two runs that differ only
 # here trained the same model on the same data.
-_LAUNCH_PREFIXES = ("ckpt_path", "run_name", "paths.", "logger.", "tags.", "callbacks.", "hydra", "fast/",
+_LAUNCH_PREFIXES = ("ckpt_path", "reuse_finished", "study.", "run_name", "paths.", "logger.", "tags.", "callbacks.",
+                    "hydra", "fast/",
                     "throughput/peak", "trainer.enable_progress_bar", "trainer.devices", "trainer.num_nodes",
                     "trainer.accelerator", "trainer.strategy", "trainer.log_every_n_steps", "train.num_workers",
                     "train.export_hf", "train.eval_every_steps", "data.prepared_dir", "data.web_path",

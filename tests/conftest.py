@@ -6,32 +6,23 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict, read_write
 
-from lab import CONF_DIR, PROJECT_ROOT
+from lab import PROJECT_ROOT
+from lab.compose import compose_config  # the tests' way to compose conf/
 
 ARCHS = ["llama_gqa", "mistral_swa", "falcon_mqa", "mamba2", "llama_mha"]
 SAMPLE_DIR = PROJECT_ROOT / "data" / "sample"
-# The test-sized data: the embedded sample, a 2k BPE, blocks of 64 tokens.
-TINY_DATA = ["tokenizer=bpe2k", "data.seq_len=64"]
 
 
-def compose_config(config_name: str, overrides: list[str], run_dir: Path | None = None) -> DictConfig:
-    """Compose conf/<config_name>.yaml as Hydra would, with `${hydra:...}` resolvable."""
-    GlobalHydra.instance().clear()
-    run_dir_override = [f"hydra.run.dir={run_dir}"] if run_dir else []
-    with initialize_config_dir(config_dir=str(CONF_DIR)):
-        cfg = compose(config_name, overrides=[*overrides, *run_dir_override], return_hydra_config=True)
-    if run_dir is not None:
-        with read_write(cfg), open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(run_dir)
-    HydraConfig.instance().set_config(cfg)
-    with read_write(cfg), open_dict(cfg):
-        del cfg["hydra"]  # as under @hydra.main: the task's config has no hydra node
-    return cfg
+def _tiny_data() -> list[str]:
+    """The data half of conf/experiment/tiny_sample.yaml (the sample, a 2k BPE, blocks of 64 tokens) as
+    lab.prepare overrides: lab.prepare cannot read that file (it has no size or trainer group)."""
+    cfg = compose_config("train", ["experiment=tiny_sample"], keep_hydra=True)
+    return [f"tokenizer={cfg.hydra.runtime.choices.tokenizer}", f"data.seq_len={cfg.data.seq_len}"]
+
+
+# The test-sized data; training runs shrink with debug=fast, which extends the same base.
+TINY_DATA = _tiny_data()
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +35,7 @@ def _isolated_mlflow(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def prepared_sample(tmp_path_factory) -> Path:
     """The embedded sample run through lab.prepare once per session (tokenizer bpe2k, seq_len 64)."""
-    from lab.prepare import run as prepare
+    from lab.data.pipeline import prepare
 
     out = tmp_path_factory.mktemp("prepared")
     cfg = compose_config("prepare", [*TINY_DATA, f"data.prepared_dir={out}"], run_dir=out / "hydra")

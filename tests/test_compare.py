@@ -207,11 +207,11 @@ def test_cli_prints_markdown(bakeoff, tmp_path, capsys):
 
 
 def test_quantized_columns_sort_numbers_as_numbers():
-    from lab.compare import _natural_order
+    from lab.tables import natural_order
 
     keys = ["quant/int8wo/ttft_ms_2048", "quant/int8wo/ttft_ms_128", "quant/int8wo/ttft_ms_63",
             "quant/int8wo/ttft_ms_512"]
-    assert [k.rsplit("_", 1)[1] for k in sorted(keys, key=_natural_order)] == ["63", "128", "512", "2048"]
+    assert [k.rsplit("_", 1)[1] for k in sorted(keys, key=natural_order)] == ["63", "128", "512", "2048"]
 
 
 def test_rows_that_average_different_settings_say_so(store, tmp_path):

@@ -55,7 +55,7 @@ def test_default_curriculum_keeps_the_demo_block_order(prepared_sample):
 
 def test_every_curriculum_reads_the_same_prepared_folder(prepared_sample):
     """curriculum= changes how training walks the data, never what is prepared or where it lives."""
-    from lab.train import prepare_command
+    from lab.datamodule import prepare_command
 
     configs, commands = {}, set()
     for name in CURRICULA:
@@ -65,7 +65,8 @@ def test_every_curriculum_reads_the_same_prepared_folder(prepared_sample):
     assert "curriculum" not in next(iter(commands))
     assert "curriculum" not in compose_config("prepare", [])  # lab.prepare never sees it
     # and each plans on the one prepared folder, at the same total of optimizer steps (equal tokens)
-    totals = {name: sum(CurriculumDataModule(prepared_sample, cfg.curriculum, 64, 8).stage_steps())
+    totals = {name: sum(CurriculumDataModule(prepared_sample, cfg.curriculum, 64, 8, shuffle_seed=cfg.seed)
+                        .stage_steps())
               for name, cfg in configs.items()}
     assert set(totals.values()) == {24576 // (8 * 64)}, totals
 

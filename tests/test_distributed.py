@@ -15,8 +15,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from lab import CONF_DIR, PROJECT_ROOT
-from lab.quantize import load_model
-from lab.train import instantiate_trainer, train
+from lab.model_io import load_model
+from lab.train import train
+from lab.trainer import instantiate_trainer
 from tests.conftest import compose_config, tiny_train_overrides
 
 TRAINERS = sorted(p.stem for p in (CONF_DIR / "trainer").glob("*.yaml"))

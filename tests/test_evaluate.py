@@ -16,7 +16,8 @@ from torch import nn
 from lab import PROJECT_ROOT, LabError
 from lab.evaluate import (PeakMemory, check_tokenizer, evaluate, format_table, heldout_perplexity,
                           sliding_window_nll, variant_entries)
-from lab.quantize import load_model, load_tokenizer, quantize, resolve_source
+from lab.model_io import load_model, load_tokenizer, resolve_source
+from lab.quantize import quantize
 from lab.tasks import MCItem, load_task, score_task
 from lab.tracking import tracking_uri
 from tests.conftest import ARCHS
@@ -55,7 +56,8 @@ def eval_config(model_path: Path, tmp_path: Path, **overrides) -> dict:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_quantize_then_evaluate_every_arch(tiny_runs, arch, tmp_path, capsys, shared_mlflow):
-    from lab.compare import EVAL_OF_TAG, collect, search_runs, select_runs
+    from lab.run_records import EVAL_OF_TAG, collect, search_runs, select_runs
+    from lab.tables import table_columns
 
     run_dir = tiny_runs[arch]
     train_id = register_training_run(run_dir, arch)
@@ -96,7 +98,8 @@ def test_quantize_then_evaluate_every_arch(tiny_runs, arch, tmp_path, capsys, sh
         assert run.info.status == "FINISHED"
     int8_run = next(r for r in evals if r.data.tags["variant"] == "int8wo")
     assert int8_run.data.metrics["quant/int8wo/val/web/ppl"] == pytest.approx(int8["val/web/ppl"])
-    data, columns = collect(client, select_runs([r for r in runs if r.info.run_id == train_id], evals))
+    data = collect(client, select_runs([r for r in runs if r.info.run_id == train_id], evals))
+    columns = table_columns(data)
     assert len(data) == 1 and data[0].values["quant/int8wo/val/web/bpb"] == pytest.approx(int8["val/web/bpb"])
     assert "quant/fp32/decode_tok_s_bs1" in {c.key for c in columns}
 
@@ -241,7 +244,7 @@ def test_evaluate_a_checkpoint_without_mlflow_or_data(tiny_runs, tmp_path):
 
 def test_max_blocks_auto_follows_the_training_runs_validation(tmp_path):
     from lab.evaluate import DEFAULT_MAX_BLOCKS, resolve_max_blocks
-    from lab.quantize import ModelSource
+    from lab.model_io import ModelSource
 
     source = ModelSource(tmp_path / "hf", "hf", run_dir=tmp_path)
     assert resolve_max_blocks("auto", source) == DEFAULT_MAX_BLOCKS    # no run config

@@ -10,7 +10,8 @@ import torch
 
 from lab import PROJECT_ROOT, LabError
 from lab.generate import Sampling, generate, generate_ids, read_prompts, run
-from lab.quantize import load_model, load_tokenizer, quantize
+from lab.model_io import load_model, load_tokenizer
+from lab.quantize import quantize
 from tests.conftest import ARCHS
 from tests.test_quantize import tiny_runs  # noqa: F401 (fixture)
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,10 @@ import pytest
 from tokenizers import Tokenizer
 
 from lab import PROJECT_ROOT, LabError
+from lab.units import GiB, MiB
 from lab.data.filters import WORD
 from lab.data.split import assign_split
-from lab.prepare import run
+from lab.data.pipeline import Settings, prepare
 from tests.conftest import SAMPLE_DIR, compose_config
 
 TINY = ["tokenizer.vocab_size=400", "tokenizer.name=t400", "data.seq_len=16", "prepare.progress=false",
@@ -74,7 +76,7 @@ def sample(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("sample")
     cfg = compose_config("prepare", ["tokenizer=bpe2k", "data.seq_len=64", f"data.prepared_dir={tmp / 'out'}",
                                      "prepare.progress=false"], run_dir=tmp / "hydra")
-    return run(cfg)
+    return prepare(cfg)
 
 
 def test_sample_manifest_follows_the_contract(sample):
@@ -126,7 +128,7 @@ def test_sample_run_logs_to_an_active_mlflow_run(sample, tmp_path):
     cfg = compose_config("prepare", ["tokenizer=bpe2k", "data.seq_len=64", f"data.prepared_dir={sample}",
                                      "prepare.progress=false"], run_dir=tmp_path / "hydra")
     with mlflow.start_run() as active:
-        run(cfg)  # every step reused
+        prepare(cfg)  # every step reused
     logged = mlflow.get_run(active.info.run_id).data
     assert logged.metrics["data/web/docs_in"] > 0 and "data_sha256" in logged.tags
 
@@ -145,7 +147,7 @@ def test_near_duplicates_never_straddle_train_and_val(tmp_path):
     (tmp_path / "web.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     (tmp_path / "books").mkdir()
     cfg, _ = compose(tmp_path, tmp_path / "web.jsonl", tmp_path / "books", "data.sources.web.val_fraction=0.3")
-    prepared = run(cfg)
+    prepared = prepare(cfg)
     manifest = json.loads((prepared / "manifest.json").read_text())
     assert manifest["sources"]["web"]["docs_duplicate"] == 60
     shingles = lambda text: {tuple(w) for w in zip(*(WORD.findall(text.lower())[k:] for k in range(5)))}
@@ -172,7 +174,7 @@ def test_bad_input_is_counted_not_fatal(tmp_path):
     (books / "gol.txt").write_bytes(b"")
     (books / "stricat.txt").write_bytes(bytes(range(128, 256)) * 20)
     cfg, _ = compose(tmp_path, web, books)
-    manifest = json.loads((run(cfg) / "manifest.json").read_text())
+    manifest = json.loads((prepare(cfg) / "manifest.json").read_text())
     web_stats, book_stats = manifest["sources"]["web"], manifest["sources"]["books"]
     assert web_stats["docs_in"] == 12 and web_stats["docs_kept"] == 6
     assert web_stats["malformed_reasons"] == {"blank_line": 1, "invalid_json": 1, "invalid_utf8": 1,
@@ -188,7 +190,7 @@ def test_bad_input_is_counted_not_fatal(tmp_path):
 def test_missing_path_is_one_clear_error(tmp_path):
     cfg, overrides = compose(tmp_path, tmp_path / "nope.jsonl", SAMPLE_DIR / "books")
     with pytest.raises(LabError, match="nope.jsonl"):
-        run(cfg)
+        prepare(cfg)
     proc = subprocess.run([sys.executable, "-m", "lab.prepare", *overrides, f"hydra.run.dir={tmp_path / 'h'}"],
                           capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
     assert proc.returncode == 1
@@ -220,26 +222,29 @@ SHARDS = ["prepare.batch_mb=0.02"]  # several scan shards, so a kill lands mid-s
 def reference(corpus, tmp_path_factory) -> dict[str, str]:
     """Hashes of an uninterrupted run."""
     cfg, _ = compose(tmp_path_factory.mktemp("reference"), *corpus, *SHARDS)
-    return bin_hashes(run(cfg))
+    return bin_hashes(prepare(cfg))
 
 
 def test_rerun_reuses_and_a_change_redoes_only_what_it_affects(corpus, reference, tmp_path, caplog):
     cfg, _ = compose(tmp_path, *corpus, *SHARDS)
-    run(cfg)
+    prepare(cfg)
     caplog.set_level(logging.INFO, logger="lab.prepare")
     caplog.clear()
-    run(cfg)
+    prepare(cfg)
     for step in ("scan", "dedup", "tokenizer", "report", "pack"):
         assert f"reusing {step}" in caplog.text
     assert bin_hashes(tmp_path / "prepared") == reference
     caplog.clear()
-    run(compose(tmp_path, *corpus, *SHARDS, "data.seq_len=32")[0])
+    prepare(compose(tmp_path, *corpus, *SHARDS, "data.seq_len=32")[0])
     assert all(f"reusing {step}" in caplog.text for step in ("scan", "dedup", "tokenizer", "report"))
     assert "reusing pack" not in caplog.text
+    # the redone step's sizes and rates are binary, and say so
+    assert re.search(r"pack: [\d.]+ MiB in [\d.]+ s, \d+ process(es)? \([\d.]+ MiB/s, [\d.]+ MiB/s per core\)",
+                     caplog.text), caplog.text
     manifest = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
     assert manifest["seq_len"] == 32
     caplog.clear()
-    run(compose(tmp_path, *corpus, *SHARDS, "data.seq_len=32", "prepare.filters.default.min_words=30")[0])
+    prepare(compose(tmp_path, *corpus, *SHARDS, "data.seq_len=32", "prepare.filters.default.min_words=30")[0])
     assert "reusing scan" not in caplog.text
 
 
@@ -254,30 +259,30 @@ def test_resume_after_kill_9_gives_identical_outputs(corpus, reference, tmp_path
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (tmp_path / "prepared" / "manifest.json").exists()
     cfg, _ = compose(tmp_path, *corpus, *SHARDS)
-    assert bin_hashes(run(cfg)) == reference
+    assert bin_hashes(prepare(cfg)) == reference
 
 
 def test_resume_after_a_crash_between_steps(corpus, reference, tmp_path, monkeypatch):
-    import lab.prepare as prepare_module
+    import lab.data.pipeline as pipeline_module
 
     def crash(point: str) -> None:
         if point == "tokenizer.done":
             raise KeyboardInterrupt(point)
 
-    monkeypatch.setattr(prepare_module, "crash_point", crash)
+    monkeypatch.setattr(pipeline_module, "crash_point", crash)
     cfg, _ = compose(tmp_path, *corpus, *SHARDS)
     with pytest.raises(KeyboardInterrupt):
-        run(cfg)
+        prepare(cfg)
     monkeypatch.undo()
-    assert bin_hashes(run(cfg)) == reference
+    assert bin_hashes(prepare(cfg)) == reference
 
 
 def test_both_tokenize_backends_give_the_same_bytes(corpus, reference, tmp_path):
     pytest.importorskip("fastokens")
-    manifest = json.loads((Path(run(compose(tmp_path / "a", *corpus, *SHARDS)[0])) / "manifest.json").read_text())
+    manifest = json.loads((Path(prepare(compose(tmp_path / "a", *corpus, *SHARDS)[0])) / "manifest.json").read_text())
     assert set(manifest["pack_encoder"]["backends"]) == {"fastokens"}
     assert manifest["pack_encoder"]["checked_chars"] > 0 and manifest["pack_encoder"]["mismatched_shards"] == 0
-    slow = Path(run(compose(tmp_path / "b", *corpus, *SHARDS, "prepare.pack.encoder=tokenizers")[0]))
+    slow = Path(prepare(compose(tmp_path / "b", *corpus, *SHARDS, "prepare.pack.encoder=tokenizers")[0]))
     assert bin_hashes(slow) == reference
     assert set(json.loads((slow / "manifest.json").read_text())["pack_encoder"]["backends"]) == {"tokenizers"}
 
@@ -297,7 +302,7 @@ def test_a_fast_encoder_that_disagrees_is_not_trusted(corpus, reference, tmp_pat
 
     monkeypatch.setattr(BatchEncoder, "fast_ids", off_by_one)  # workers=1: the packing runs in this process
     caplog.set_level(logging.WARNING, logger="lab.prepare")
-    prepared = Path(run(compose(tmp_path, *corpus, *SHARDS)[0]))
+    prepared = Path(prepare(compose(tmp_path, *corpus, *SHARDS)[0]))
     assert bin_hashes(prepared) == reference  # every shard was redone by tokenizers
     check = json.loads((prepared / "manifest.json").read_text())["pack_encoder"]
     assert check["mismatched_shards"] == sum(check["backends"].values()) > 0
@@ -310,7 +315,7 @@ def test_a_source_that_keeps_nothing_is_an_error_that_names_the_field(tmp_path):
     web.write_text("\n".join(json.dumps({"id": f"d{i}", "content": ro_doc(rng)}) for i in range(5)) + "\n")
     cfg, _ = compose(tmp_path, web, SAMPLE_DIR / "books")
     with pytest.raises(LabError, match=r"\['web'\] kept no documents.*text_field"):
-        run(cfg)
+        prepare(cfg)
     # the accounting is still written: every line counted as missing the text field
     manifest = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
     assert manifest["sources"]["web"]["malformed_reasons"] == {"missing_text_field": 5}
@@ -322,26 +327,59 @@ def test_prepared_data_of_another_corpus_is_not_replaced_silently(sample, tmp_pa
     web.write_text("\n".join(json.dumps({"id": f"d{i}", "text": ro_doc(rng)}) for i in range(5)) + "\n")
     cfg, _ = compose(tmp_path, web, SAMPLE_DIR / "books", f"data.prepared_dir={sample}")
     with pytest.raises(LabError, match="other files.*prepare.overwrite=true"):
-        run(cfg)
+        prepare(cfg)
 
 
 def test_a_validation_split_shorter_than_a_block_is_warned_about(corpus, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="lab.prepare")
-    manifest = json.loads((Path(run(compose(tmp_path, *corpus, "data.seq_len=4096")[0])) / "manifest.json").read_text())
+    prepared = Path(prepare(compose(tmp_path, *corpus, "data.seq_len=4096")[0]))
+    manifest = json.loads((prepared / "manifest.json").read_text())
     for name, source in manifest["sources"].items():
         assert source["splits"]["val"]["blocks"] == 0
         assert f"source {name}: its validation split" in caplog.text
 
 
 def test_progress_goes_to_the_log_where_no_terminal_shows_bars(caplog):
-    from lab.prepare import LogProgress
+    from lab.data.progress import LogProgress
 
-    caplog.set_level(logging.INFO, logger="lab.prepare")
-    with LogProgress("scan", 4 * 2**20, every=0) as bar:
-        bar.update(2**20)
-    assert "scan: 1.0 MB of 4.0 MB (25%)" in caplog.text and "MB/s" in caplog.text and "min left" in caplog.text
+    caplog.set_level(logging.INFO, logger="lab.data.progress")
+    with LogProgress("scan", 4 * MiB, every=0) as bar:
+        bar.update(MiB)
+    assert "scan: 1.0 MiB of 4.0 MiB (25%)" in caplog.text and "MiB/s" in caplog.text and "min left" in caplog.text
     LogProgress("dedup", 16, unit="band", every=0).update(3)
     assert "dedup: 3 of 16 bands" in caplog.text
     caplog.clear()
     LogProgress("pack", 100, every=3600).update(50)  # not a minute yet: quiet
     assert caplog.text == ""
+
+
+def test_progress_off_a_terminal_logs_to_the_given_logger(caplog, monkeypatch):
+    from types import SimpleNamespace
+
+    from lab.data import progress
+    from lab.data.progress import LogProgress, progress_bar
+
+    monkeypatch.setattr(progress, "sys", SimpleNamespace(stderr=SimpleNamespace(isatty=lambda: False)))
+    caplog.set_level(logging.INFO, logger="lab.prepare")
+    bar = progress_bar("scan", 2 * MiB, logger=logging.getLogger("lab.prepare"))
+    assert isinstance(bar, LogProgress)
+    bar.every = 0
+    bar.update(MiB)
+    assert [r.name for r in caplog.records] == ["lab.prepare"] and "1.0 MiB of 2.0 MiB" in caplog.text
+    assert not isinstance(progress_bar("scan", 1, enabled=False), LogProgress)  # progress=false: no lines at all
+
+
+def test_sizes_are_labelled_with_the_binary_unit_they_are_divided_by():
+    from lab.data.progress import format_size
+
+    assert format_size(MiB) == "1.0 MiB" and format_size(0) == "0.0 MiB"
+    assert format_size(GiB - MiB) == "1023.0 MiB" and format_size(GiB) == "1.00 GiB"
+    assert format_size(1.5 * GiB) == "1.50 GiB"
+
+
+@pytest.mark.parametrize(("setting", "value", "field", "expected"), [
+    ("prepare.batch_mb", "1", "batch_bytes", MiB), ("prepare.batch_mb", "0.5", "batch_bytes", MiB // 2),
+    ("prepare.max_doc_mb", "2", "max_doc_bytes", 2 * MiB), ("prepare.batch_mb", "1e-9", "batch_bytes", 1)])
+def test_mb_settings_count_mib(tmp_path, setting, value, field, expected):
+    cfg, _ = compose(tmp_path, SAMPLE_DIR / "web.jsonl", SAMPLE_DIR / "books", f"{setting}={value}")
+    assert getattr(Settings.from_cfg(cfg), field) == expected

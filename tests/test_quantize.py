@@ -22,9 +22,8 @@ from torch import nn
 
 from lab import CONF_DIR, PROJECT_ROOT, LabError
 from lab.models import build_config, build_model
-from lab.quantize import (VARIANTS, _computes_linear, embedding_state, layers_to_keep_float, load_model, load_tokenizer,
-                          quantize, quantized_layers, resolve_source, resolve_variants, tensor_bytes,
-                          use_linear_forward)
+from lab.model_io import _computes_linear, load_model, load_tokenizer, resolve_source, tensor_bytes, use_linear_forward
+from lab.quantize import VARIANTS, embedding_state, layers_to_keep_float, quantize, quantized_layers, resolve_variants
 from tests.conftest import ARCHS
 
 SEQ_LEN = 32          # prepared blocks in the fixture

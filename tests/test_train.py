@@ -55,7 +55,7 @@ def test_labels_are_shifted_exactly_once(prepared_sample, tmp_path):
 def test_weight_decay_spares_norms_biases_and_embeddings():
     from lab.models import build_config, build_model
 
-    cfg = compose_config("train", ["arch=falcon_mqa", "size=tiny", "tokenizer=bpe2k", "data.seq_len=64"])
+    cfg = compose_config("train", ["arch=falcon_mqa", "experiment=tiny_sample"])
     model = build_model(build_config(cfg.arch, cfg.size))
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -212,11 +212,29 @@ def test_resume_from_a_stage_boundary_trains_the_next_stage(prepared_sample, tmp
     assert after_resume == {s: v for s, v in expected.items() if s > 12}
 
 
+def assert_plain_hyper_parameters(hparams: dict, cfg) -> None:
+    """The module takes typed settings but saves plain containers, the config nodes as they were."""
+    from omegaconf import OmegaConf
+
+    assert set(hparams) == {"arch", "size", "optim", "scheduler", "train", "schedule", "data_info",
+                            "config_overrides", "init_from"}
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for node in ("optim", "scheduler", "train"):
+        assert hparams[node] == resolved[node], node
+    assert type(hparams["optim"]["betas"]) is list
+    schedule = hparams["schedule"]
+    assert schedule["total_steps"] == 3 and schedule["stage_names"] == ["web", "books"]
+    assert schedule["stage_bounds"][0] == 0 and schedule["stage_sources"] == [["web"], ["books"]]
+    assert hparams["data_info"]["seq_len"] == 64 and sorted(hparams["data_info"]["val_sources"]) == ["books", "web"]
+
+
 def test_resume_refuses_other_data(prepared_sample, tmp_path):
-    run_train(prepared_sample, tmp_path / "first", "trainer.max_steps=3", "train.export_hf=false",
-              "callbacks.checkpoint.every_n_steps=1")
+    first = ["trainer.max_steps=3", "train.export_hf=false", "callbacks.checkpoint.every_n_steps=1"]
+    run_train(prepared_sample, tmp_path / "first", *first)
     saved = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", weights_only=True)  # no pickled code
     assert saved["lab"]["data_sha256"] and saved["hyper_parameters"]["arch"]["_target_"].startswith("transformers.")
+    assert_plain_hyper_parameters(saved["hyper_parameters"],
+                                  compose_config("train", tiny_train_overrides(prepared_sample, *first)))
     assert (tmp_path / "first" / "hf_stages").exists() is False  # the web stage did not complete in 3 steps
     altered = tmp_path / "altered"
     shutil.copytree(prepared_sample, altered)

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lab import PROJECT_ROOT, LabError
-from lab.checkpoints import resolve_ckpt_path
+from lab.resume import resolve_ckpt_path
 from lab.settings import TrainSettings
 from lab.train import train
 from tests.conftest import compose_config, tiny_train_overrides
@@ -44,6 +44,15 @@ from tests.conftest import compose_config, tiny_train_overrides
     ("data.shuffle_seed=-3", "data.shuffle_seed=-3 is not allowed: expected an integer >= 0"),
     ("seed=1.5", "seed=1.5"),
     ("~optim.eps", "optim.eps is missing from the config"),
+    ("~train.guard.max_skips", "train.guard.max_skips is missing from the config"),
+    ("~data.shuffle_seed", "data.shuffle_seed is missing from the config"),
+    ("~callbacks.register_model", "callbacks.register_model is missing from the config"),
+    ("callbacks.register_model=maybe", "callbacks.register_model='maybe' is not allowed: expected true or false"),
+    ("trainer.accelerator=3", "trainer.accelerator=3 is not allowed: expected a non-empty string"),
+    ("~trainer.accelerator", "trainer.accelerator is missing from the config"),
+    ("optim.fused=sometimes", "optim.fused='sometimes' is not allowed"),
+    ("scheduler.warmup_tokens=-5", "scheduler.warmup_tokens=-5"),
+    ("train.val_max_blocks=0", "train.val_max_blocks=0"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(override, message):
     cfg = compose_config("train", ["experiment=demo", override])
@@ -77,6 +86,36 @@ def test_the_other_commands_check_their_knobs(command, override, message):
     check_knobs(compose_config(command, extra), command)  # the shipped values pass
     with pytest.raises(LabError, match=re.escape(message)):
         check_knobs(compose_config(command, [*extra, override]), command)
+
+
+TINY_SAMPLE_USERS = [["experiment=demo"], ["experiment=arch_bakeoff_tiny"], ["experiment=curriculum_study_tiny"],
+                     ["debug=fast"], ["experiment=demo", "debug=fast"]]
+
+
+@pytest.mark.parametrize("overrides", TINY_SAMPLE_USERS, ids=" ".join)
+def test_tiny_configs_extend_the_one_tiny_sample_base(overrides):
+    """size, tokenizer, trainer and seq_len of "tiny on the sample" come from conf/experiment/tiny_sample.yaml."""
+    def shape(cfg):
+        choices = cfg.hydra.runtime.choices
+        return choices.size, choices.tokenizer, choices.trainer, cfg.data.seq_len, cfg.data.prepared_dir
+
+    base = shape(compose_config("train", ["experiment=tiny_sample"], keep_hydra=True))
+    assert base[:4] == ("tiny", "bpe2k", "cpu", 64)
+    assert shape(compose_config("train", overrides, keep_hydra=True)) == base
+    # the command line still wins over the base's choices
+    assert compose_config("train", [*overrides, "size=full"], keep_hydra=True).hydra.runtime.choices.size == "full"
+
+
+def test_the_makefile_prepares_the_tiny_sample_data():
+    """lab.prepare cannot read tiny_sample.yaml (no size or trainer group): the Makefile's DEMO_DATA must match it."""
+    from tests.conftest import TINY_DATA
+
+    makefile = (PROJECT_ROOT / "Makefile").read_text()
+    demo_data = re.search(r"^DEMO_DATA := (.*)$", makefile, re.MULTILINE).group(1).split()
+    assert demo_data == TINY_DATA == ["tokenizer=bpe2k", "data.seq_len=64"]
+    prepare = compose_config("prepare", demo_data)
+    train_cfg = compose_config("train", ["experiment=tiny_sample"])
+    assert prepare.data.prepared_dir == train_cfg.data.prepared_dir  # the folder demo training reads
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (PROJECT_ROOT / "conf" / "experiment").glob("*.yaml")))
@@ -152,7 +191,7 @@ def test_last_skips_unreadable_checkpoints_for_the_newest_intact_one(finished_ru
     data = last.read_bytes()
     last.write_bytes({"truncate": data[: len(data) // 3], "empty": b"", "noise": os.urandom(4096)}[damage])
     age_in_order([last, *older])
-    with caplog.at_level("WARNING", logger="lab.checkpoints"):
+    with caplog.at_level("WARNING", logger="lab.resume"):
         chosen = resolve_ckpt_path(resume_cfg(root, "last"))
     assert chosen == str(older[0])
     assert str(last) in caplog.text
@@ -343,3 +382,17 @@ def test_prepare_of_a_missing_corpus_is_one_line(tmp_path):
     assert_one_line(run_cli(tmp_path, "lab.prepare", "tokenizer=bpe2k", "data.seq_len=64", f"paths.corpus_dir={corpus}",
                             f"data.prepared_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'h'}"),
                     "does not exist")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("callbacks.generations.max_new_tokens=0", "max_new_tokens"),
+    ("callbacks.generations.prompts=[1,2]", "prompts"),
+    ("callbacks.register_model=maybe", "callbacks.register_model"),
+    ("callbacks.register_model=true train.export_hf=false", "train.export_hf=false"),
+])
+def test_export_callback_settings_are_checked_before_the_run(override, message):
+    from lab.settings import TrainSettings
+
+    cfg = compose_config("train", ["size=tiny", *override.split()])
+    with pytest.raises(LabError, match=message):
+        TrainSettings.from_config(cfg)

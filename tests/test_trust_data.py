@@ -19,7 +19,7 @@ import pytest
 import zstandard
 
 import lab.data.io as io_module
-import lab.prepare as prepare_module
+import lab.data.pipeline as prepare_module
 from lab import PROJECT_ROOT, LabError
 from lab.data import pack as pk
 from lab.data import publish
@@ -27,7 +27,7 @@ from lab.data.io import SourceSpec, iter_source, parse_record
 from lab.data.publish import verify_prepared
 from lab.data.steps import run_lock
 from lab.datamodule import Manifest
-from lab.prepare import run
+from lab.data.pipeline import prepare as run
 from tests.conftest import compose_config, tiny_train_overrides
 from tests.test_prepare_pipeline import bin_hashes, compose, ro_doc, write_corpus
 

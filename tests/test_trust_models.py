@@ -18,7 +18,7 @@ import torch
 
 from lab import PROJECT_ROOT, LabError
 from lab.models import check_hf_folder, config_from_record, file_config_classes
-from lab.quantize import load_model, load_tokenizer, resolve_source
+from lab.model_io import load_model, load_tokenizer, resolve_source
 from tests.test_quantize import make_prepared, make_run, make_tokenizer, tiny_config
 
 
@@ -260,15 +260,15 @@ def test_model_folder_code_never_runs(tiny_run, tmp_path):
     (lambda hf, marker: damage_truncate(hf / "model.safetensors"), "weights cannot be loaded"),
 ])
 def test_init_from_folder_is_checked_like_a_model_path(tiny_run, tmp_path, damage, message):
-    from lab.module import CausalLMModule
+    from lab.models import build_config, build_model
+    from lab.module import load_initial_weights  # what CausalLMModule(init_from=...) runs
 
     run = copy_run(tiny_run, tmp_path)
     marker = tmp_path / "ran.txt"
     damage(run / "hf", marker)
     node, size = tiny_config("llama_gqa", 320)
     with pytest.raises(LabError, match=message) as caught:
-        CausalLMModule(node, size, optim={}, scheduler={}, train={}, schedule={}, data_info={},
-                       init_from=str(run / "hf"))
+        load_initial_weights(build_model(build_config(node, size)), str(run / "hf"))
     assert str(run / "hf") in str(caught.value) and not marker.exists()
 
 

@@ -1,7 +1,8 @@
 """Corpus preparation: raw web JSONL + book .txt files -> cleaned, deduplicated, tokenized blocks.
 
-One module per concern; `lab.prepare` runs them as resumable steps:
+One module per concern; `pipeline` runs them as resumable steps (`python -m lab.prepare` is its command):
 
+    pipeline   the steps in order, each reused when its inputs are unchanged, and the publish of the result
     io         read JSONL (.jsonl/.gz/.zst) and folders of .txt, streaming; count bad input
     normalize  NFC, cedilla -> comma-below, control chars, whitespace, PDF artefacts in books
     filters    named Gopher/C4-style document rules, configurable per source
@@ -13,4 +14,5 @@ One module per concern; `lab.prepare` runs them as resumable steps:
     manifest   the accounting (docs_in == kept + filtered + duplicate + malformed) and hashes
     steps      fingerprints, done-markers, atomic writes, the run lock, crash points for tests
     parallel   an ordered, bounded process pool (memory stays flat however long the input)
+    progress   progress bars or log lines, and the wall/CPU clock of each step
 """

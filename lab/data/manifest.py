@@ -12,6 +12,8 @@ import logging
 import sys
 from typing import Any
 
+from lab.units import MB
+
 log = logging.getLogger(__name__)
 
 VERSION = 1
@@ -44,8 +46,8 @@ def summary_table(manifest: dict[str, Any]) -> str:
     rows = [header]
     for name, s in manifest["sources"].items():
         rows.append(f"{name:<8} {s['docs_in']:>9,} {s['docs_kept']:>9,} {sum(s['docs_filtered'].values()):>9,} "
-                    f"{s['docs_duplicate']:>8,} {s['docs_malformed']:>9,} {s['bytes_in'] / 1e6:>9.2f} "
-                    f"{s['text_bytes'] / 1e6:>9.2f} {s['tokens']:>13,} {s['blocks']:>9,} "
+                    f"{s['docs_duplicate']:>8,} {s['docs_malformed']:>9,} {s['bytes_in'] / MB:>9.2f} "
+                    f"{s['text_bytes'] / MB:>9.2f} {s['tokens']:>13,} {s['blocks']:>9,} "
                     f"{s['splits']['val']['blocks']:>10,}")
     for name, s in manifest["sources"].items():
         if any(s["docs_filtered"].values()):
