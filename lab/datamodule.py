@@ -24,122 +24,17 @@ import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from lab import LabError
 from lab.data.mixture import (allocate, check_weights, interleave, largest_remainder, source_permutation,
                               source_shares)
-from lab.data.publish import relative_file, verify_prepared
+from lab.data.manifest import Manifest
+from lab.data.publish import verify_prepared
 from lab.schedules import StepSchedule
 
 
-class PackedBlocks(Dataset):
-    """Fixed-length blocks of a flat token file, memory-mapped (nothing is read until indexed)."""
-
-    def __init__(self, path: Path, seq_len: int, dtype: str, expected_blocks: int | None = None):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise LabError(f"packed token file not found: {self.path}")
-        self.seq_len = seq_len
-        self.dtype = np.dtype(dtype)
-        n_tokens = self.path.stat().st_size // self.dtype.itemsize
-        self.n_blocks = n_tokens // seq_len
-        if expected_blocks is not None and (self.n_blocks != expected_blocks
-                                            or self.path.stat().st_size != expected_blocks * seq_len * self.dtype.itemsize):
-            # a cut or grown file must never train (or evaluate) silently on part of the data
-            raise LabError(f"{self.path} holds {self.path.stat().st_size:,} bytes, not the {expected_blocks:,} blocks "
-                           "its manifest records: the prepared data is damaged; re-run lab.prepare")
-
-    @cached_property
-    def _tokens(self) -> np.ndarray:
-        # Opened lazily so a DataLoader worker maps the file itself instead of pickling a map.
-        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_blocks * self.seq_len,))
-
-    def __len__(self) -> int:
-        return self.n_blocks
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        start = int(index) * self.seq_len
-        block = self._tokens[start : start + self.seq_len]
-        return torch.from_numpy(block.astype(np.int64))  # [seq_len]
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("_tokens", None)
-        return state
-
 log = logging.getLogger("lab.datamodule")
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """The parts of lab.prepare's manifest.json that training reads (docs/CONTRACTS.md)."""
-
-    root: Path
-    raw: dict[str, Any]
-
-    @classmethod
-    def load(cls, prepared_dir: str | Path) -> "Manifest":
-        root = Path(prepared_dir)
-        path = root / "manifest.json"
-        if not path.is_file():
-            raise LabError(
-                f"no prepared data at {root} (missing manifest.json). Run `python -m lab.prepare` with the same "
-                "data/tokenizer/seq_len overrides first (`make data-sample` for the embedded sample, "
-                "`make data CORPUS=...` for a corpus)."
-            )
-        try:
-            return cls(root, json.loads(path.read_text()))
-        except (OSError, ValueError) as err:  # a cut or hand-edited manifest: one line, not a traceback
-            raise LabError(f"{path} cannot be read as a manifest ({err}); re-run lab.prepare") from None
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.raw["seq_len"])
-
-    @property
-    def dtype(self) -> str:
-        return str(self.raw["dtype"])
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.raw["vocab_size"])
-
-    @property
-    def sources(self) -> list[str]:
-        return list(self.raw["sources"])
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.root / "tokenizer"
-
-    @property
-    def tokenizer_sha256(self) -> str:
-        return str(self.raw.get("tokenizer_sha256", ""))
-
-    @property
-    def data_sha256(self) -> str:
-        return str(self.raw.get("data_sha256", ""))
-
-    def split(self, source: str, split: str) -> dict[str, Any]:
-        try:
-            return self.raw["sources"][source]["splits"][split]
-        except KeyError:
-            raise LabError(f"prepared data at {self.root} has no {split!r} split for source {source!r}; "
-                           f"sources there: {self.sources}") from None
-
-    def blocks(self, source: str, split: str) -> PackedBlocks:
-        info = self.split(source, split)
-        try:
-            rel = relative_file(info.get("file"))
-        except ValueError as err:
-            raise LabError(f"{self.root / 'manifest.json'}: {err}; re-run lab.prepare") from None
-        return PackedBlocks(self.root / rel, self.seq_len, self.dtype, info.get("blocks"))
-
-    def bytes_per_token(self, source: str, split: str = "val") -> float | None:
-        info = self.split(source, split)
-        tokens, text_bytes = info.get("tokens"), info.get("text_bytes")
-        return text_bytes / tokens if tokens and text_bytes else None
 
 
 # -- the curriculum: stages, their budgets and mixtures (conf/curriculum/*.yaml) ------------------------------------

@@ -195,7 +195,8 @@ _WARNED_NO_VAL: set[tuple[Path, str]] = set()
 def heldout_perplexity(model: nn.Module, prepared_dir: Path, sources: Sequence[str] | None, max_blocks: int | None,
                        batch_size: int) -> dict[str, dict[str, float]]:
     """{source: {loss, ppl, bpb, tokens}} on the val split of each source (the trainer's blocks)."""
-    from lab.datamodule import Manifest, evenly_spaced
+    from lab.data.manifest import Manifest
+    from lab.datamodule import evenly_spaced
 
     manifest = Manifest.load(prepared_dir)
     limit = context_limit(model)
@@ -480,7 +481,7 @@ def trained_window(model: nn.Module, prepared_dir: Path | None) -> int:
     if limit:
         return limit
     if prepared_dir is not None:
-        from lab.datamodule import Manifest
+        from lab.data.manifest import Manifest
 
         return Manifest.load(prepared_dir).seq_len
     return 1024

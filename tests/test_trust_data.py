@@ -26,7 +26,7 @@ from lab.data import publish
 from lab.data.io import SourceSpec, iter_source, parse_record
 from lab.data.publish import verify_prepared
 from lab.data.steps import run_lock
-from lab.datamodule import Manifest
+from lab.data.manifest import Manifest
 from lab.data.pipeline import prepare as run
 from tests.conftest import compose_config, tiny_train_overrides
 from tests.test_prepare_pipeline import bin_hashes, compose, ro_doc, write_corpus

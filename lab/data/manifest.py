@@ -1,4 +1,5 @@
-"""manifest.json: the accounting of every document, the output files and their hashes.
+"""manifest.json: the accounting of every document, the output files and their hashes; written here by
+lab.prepare and read back here (`Manifest`) by training and evaluation.
 
 The invariant docs_in == docs_kept + sum(docs_filtered) + docs_duplicate + docs_malformed is
 checked for every source before the manifest is written: a document the pipeline lost silently is
@@ -8,9 +9,17 @@ a bug, and it stops the run.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sys
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lab import LabError
+
+if TYPE_CHECKING:
+    from lab.data.packed import PackedBlocks
 
 from lab.units import MB
 
@@ -76,3 +85,80 @@ def log_to_mlflow(manifest: dict[str, Any]) -> bool:
     mlflow.set_tags({"data_sha256": manifest["data_sha256"], "tokenizer_sha256": manifest["tokenizer_sha256"]})
     mlflow.log_dict(manifest, "data/manifest.json")
     return True
+
+
+# -- reading it back (training, evaluation) ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parts of lab.prepare's manifest.json that training reads (docs/CONTRACTS.md)."""
+
+    root: Path
+    raw: dict[str, Any]
+
+    @classmethod
+    def load(cls, prepared_dir: str | Path) -> "Manifest":
+        root = Path(prepared_dir)
+        path = root / "manifest.json"
+        if not path.is_file():
+            raise LabError(
+                f"no prepared data at {root} (missing manifest.json). Run `python -m lab.prepare` with the same "
+                "data/tokenizer/seq_len overrides first (`make data-sample` for the embedded sample, "
+                "`make data CORPUS=...` for a corpus)."
+            )
+        try:
+            return cls(root, json.loads(path.read_text()))
+        except (OSError, ValueError) as err:  # a cut or hand-edited manifest: one line, not a traceback
+            raise LabError(f"{path} cannot be read as a manifest ({err}); re-run lab.prepare") from None
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.raw["seq_len"])
+
+    @property
+    def dtype(self) -> str:
+        return str(self.raw["dtype"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.raw["vocab_size"])
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self.raw["sources"])
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return str(self.raw.get("tokenizer_sha256", ""))
+
+    @property
+    def data_sha256(self) -> str:
+        return str(self.raw.get("data_sha256", ""))
+
+    def split(self, source: str, split: str) -> dict[str, Any]:
+        try:
+            return self.raw["sources"][source]["splits"][split]
+        except KeyError:
+            raise LabError(f"prepared data at {self.root} has no {split!r} split for source {source!r}; "
+                           f"sources there: {self.sources}") from None
+
+    def blocks(self, source: str, split: str) -> "PackedBlocks":
+        from lab.data.packed import PackedBlocks  # torch: only where blocks are read, not in lab.prepare
+        from lab.data.publish import relative_file
+
+        info = self.split(source, split)
+        try:
+            rel = relative_file(info.get("file"))
+        except ValueError as err:
+            raise LabError(f"{self.root / 'manifest.json'}: {err}; re-run lab.prepare") from None
+        return PackedBlocks(self.root / rel, self.seq_len, self.dtype, info.get("blocks"))
+
+    def bytes_per_token(self, source: str, split: str = "val") -> float | None:
+        info = self.split(source, split)
+        tokens, text_bytes = info.get("tokens"), info.get("text_bytes")
+        return text_bytes / tokens if tokens and text_bytes else None
