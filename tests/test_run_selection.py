@@ -24,7 +24,7 @@ from lab.quantize import quantize_command
 from lab.run_selection import RunQuery, model_config, parse_runs, select_runs, selection_from_config
 from lab.tracking import get_or_create_experiment, tracking_uri
 from tests.conftest import compose_config, tiny_train_overrides
-from tests.test_quantize import make_prepared, make_run, make_tokenizer
+from tests.test_quantize import make_runs
 
 EXPERIMENT = "bakeoff_sel"
 ARCHS = ("llama_gqa", "falcon_mqa")   # the two quickest to quantize and evaluate
@@ -33,10 +33,7 @@ ARCHS = ("llama_gqa", "falcon_mqa")   # the two quickest to quantize and evaluat
 @pytest.fixture(scope="module")
 def run_folders(tmp_path_factory) -> dict[str, Path]:
     """{arch: lab.train-like run folder} (hf/ export, checkpoint, config.yaml), one shared tokenizer and data."""
-    root = tmp_path_factory.mktemp("selruns")
-    tokenizer = make_tokenizer(root / "tokenizer")
-    prepared = make_prepared(root / "prepared", tokenizer)
-    return {arch: make_run(root, arch, tokenizer, prepared, seed=i) for i, arch in enumerate(ARCHS)}
+    return make_runs(tmp_path_factory.mktemp("selruns"), ARCHS)
 
 
 def register(run_dir: Path | None, run_name: str, experiment: str = EXPERIMENT, status: str = "FINISHED",

@@ -80,6 +80,10 @@ def init_worker(config: ScanConfig) -> None:
 
 
 def scan_shard(task: ScanTask) -> dict[str, Any]:
+    """Scan one shard in a worker: read, normalise, filter and fingerprint each record, then write the shard's
+    outputs and stats atomically (a shard done before a kill is reused by its stats file)."""
+    # Long on purpose: one pass shares per-document state and a dozen counters between reading, normalising,
+    # filtering and fingerprinting; split into steps, every step would pass all of them around.
     config: ScanConfig = _worker["config"]
     prefix = shard_prefix(config.scan_dir, task.source, task.index)
     stats_path = Path(f"{prefix}.stats.json")
