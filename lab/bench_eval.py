@@ -30,10 +30,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lab import LabError, run_or_exit
-from lab.evaluate import Report, _output_dir, evaluate
+from lab.evaluation import Report, _output_dir, evaluate
 from lab.model_io import (default_output_dir, dtype_name, load_model, read_index, resolve_device, resolve_dtype,
                           resolve_source, weight_bytes)
-from lab.quantize import VARIANTS, quantize, quantize_model, variant_options
+from lab.quantization import VARIANTS, quantize, quantize_model, variant_options
 from lab.tables import markdown_table
 
 log = logging.getLogger("lab.bench_eval")

@@ -67,7 +67,7 @@ class GenerationSpec:
                    top_p=number(0, 1, low_open=True)(node["top_p"], f"{where}.top_p"))
 
     def samplings(self) -> list[tuple[str, Any]]:
-        from lab.generate import Sampling
+        from lab.sampling import Sampling
 
         modes = []
         if self.greedy:  # plain argmax: no repetition penalty, so what the model itself prefers
@@ -79,7 +79,7 @@ class GenerationSpec:
 
     def run(self, model: torch.nn.Module, tokenizer: Any) -> list[dict[str, Any]]:
         """Per prompt: {prompt, fed (the prompt text the model saw), cut (bool), <mode>: continuation}."""
-        from lab.generate import generate_ids
+        from lab.sampling import generate_ids
 
         was_training = model.training
         device = model.device

@@ -146,7 +146,7 @@ def seed_test(data: Sequence["RunData"], alpha: float) -> list[Block]:
 
 def sample_generations(data: Sequence["RunData"], prompts: Sequence[str], max_new_tokens: int) -> list[Block]:
     """Greedy continuations of the fixed prompts by the first run of each arch (its float export)."""
-    from lab.generate import Sampling, generate
+    from lab.sampling import Sampling, generate
     from lab.model_io import load_model, load_tokenizer, resolve_source
 
     if not prompts:

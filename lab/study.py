@@ -354,7 +354,7 @@ def quantize_run(plan: Plan, job: Job, outcome: Outcome) -> list[str]:
     """Quantize one run's export (unless done); returns the variants there are to evaluate."""
     from lab.compose import compose_config
     from lab.model_io import default_output_dir, read_index, resolve_device, resolve_source
-    from lab.quantize import VARIANTS, quantize, supported_variants
+    from lab.quantization import VARIANTS, quantize, supported_variants
 
     hf = Path(job.run.data.tags.get("run_dir", "")) / "hf"
     source = resolve_source(hf)  # a missing or damaged export is one LabError line
@@ -385,7 +385,7 @@ def evaluate_run(plan: Plan, job: Job, variants: list[str], outcome: Outcome) ->
     from mlflow.tracking import MlflowClient
 
     from lab.compose import compose_config
-    from lab.evaluate import evaluate
+    from lab.evaluation import evaluate
     from lab.tracking import tracking_uri
 
     fingerprint = eval_fingerprint(plan.cfg.study, variants)

@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lab import PROJECT_ROOT, LabError
-from lab.evaluate import (PeakMemory, check_tokenizer, evaluate, format_table, heldout_perplexity,
+from lab.evaluation import (PeakMemory, check_tokenizer, evaluate, format_table, heldout_perplexity,
                           sliding_window_nll, variant_entries)
 from lab.model_io import load_model, load_tokenizer, resolve_source
-from lab.quantize import quantize
+from lab.quantization import quantize
 from lab.tasks import MCItem, load_task, score_task
 from lab.tracking import tracking_uri
 from tests.conftest import ARCHS
@@ -243,7 +243,7 @@ def test_evaluate_a_checkpoint_without_mlflow_or_data(tiny_runs, tmp_path):
 
 
 def test_max_blocks_auto_follows_the_training_runs_validation(tmp_path):
-    from lab.evaluate import DEFAULT_MAX_BLOCKS, resolve_max_blocks
+    from lab.evaluation import DEFAULT_MAX_BLOCKS, resolve_max_blocks
     from lab.model_io import ModelSource
 
     source = ModelSource(tmp_path / "hf", "hf", run_dir=tmp_path)
@@ -258,7 +258,7 @@ def test_max_blocks_auto_follows_the_training_runs_validation(tmp_path):
 
 
 def test_bad_thread_counts_are_clear_errors():
-    from lab.evaluate import set_threads
+    from lab.evaluation import set_threads
 
     assert set_threads(None) == torch.get_num_threads()   # null keeps torch's setting
     for bad in (0, -2, "many"):
@@ -275,7 +275,7 @@ def test_peak_memory_sees_an_allocation():
 
 
 def test_table_orders_columns_and_marks_chance():
-    from lab.evaluate import Report
+    from lab.evaluation import Report
 
     report = Report("int8wo", Path("."), True, metrics={
         "decode_tok_s_bs8": 10.0, "decode_tok_s_bs1": 5.0, "ttft_ms_512": 2.0, "ttft_ms_128": 1.0,
@@ -322,7 +322,7 @@ def test_evaluate_on_cuda_with_compile(tiny_runs, tmp_path):
 
 
 def test_texts_with_the_same_stem_get_distinct_metric_names():
-    from lab.evaluate import metric_names
+    from lab.evaluation import metric_names
 
     assert metric_names(["eval/flores.ron", "eval/flores.eng", "eval/xquad ro.txt"], "texts") == [
         "flores.ron", "flores.eng", "xquad_ro"]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lab import PROJECT_ROOT, LabError
-from lab.generate import Sampling, generate, generate_ids, read_prompts, run
+from lab.sampling import Sampling, generate, generate_ids, read_prompts, run
 from lab.model_io import load_model, load_tokenizer
-from lab.quantize import quantize
+from lab.quantization import quantize
 from tests.conftest import ARCHS
 from tests.test_quantize import tiny_runs  # noqa: F401 (fixture)
 

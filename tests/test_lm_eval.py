@@ -133,7 +133,7 @@ def test_blank_contexts_are_refused(tmp_path):
 
 @needs_lm_eval
 def test_evaluate_logs_lm_eval_metrics_beside_its_own(tokenizer, tmp_path):
-    from lab.evaluate import evaluate
+    from lab.evaluation import evaluate
 
     model = random_model("llama_gqa", tokenizer)
     model.save_pretrained(tmp_path / "hf")

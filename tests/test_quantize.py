@@ -23,7 +23,7 @@ from torch import nn
 from lab import CONF_DIR, PROJECT_ROOT, LabError
 from lab.models import build_config, build_model
 from lab.model_io import _computes_linear, load_model, load_tokenizer, resolve_source, tensor_bytes, use_linear_forward
-from lab.quantize import VARIANTS, embedding_state, layers_to_keep_float, quantize, quantized_layers, resolve_variants
+from lab.quantization import VARIANTS, embedding_state, layers_to_keep_float, quantize, quantized_layers, resolve_variants
 from tests.conftest import ARCHS
 
 SEQ_LEN = 32          # prepared blocks in the fixture
@@ -243,7 +243,7 @@ def test_shared_int8_embedding_is_stored_once_and_can_be_turned_off(tiny_runs, t
 
 def test_embedding_quantization_only_for_int8_variants(tiny_runs):
     model, _ = load_model(tiny_runs["llama_gqa"] / "hf")
-    from lab.quantize import quantize_model, variant_options
+    from lab.quantization import quantize_model, variant_options
 
     with pytest.raises(LabError, match=r"intx4wo: quantize_embedding=true is supported for int8wo, int8dq only"):
         quantize_model(model, VARIANTS["intx4wo"], variant_options(VARIANTS["intx4wo"], {"quantize_embedding": True}),
@@ -372,7 +372,7 @@ def test_tensor_bytes_counts_quantized_storage():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_variants_quantize_and_load_back(tiny_runs, tmp_path):
-    from lab.quantize import supported_variants
+    from lab.quantization import supported_variants
 
     device = torch.device("cuda")
     wanted = [v for v in ("int8wo", "int8dq", "int4wo", "float8dq") if v in supported_variants(device)]

@@ -19,8 +19,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lab import PROJECT_ROOT, LabError
-from lab.evaluate import evaluate_command
-from lab.quantize import quantize_command
+from lab.evaluation import evaluate_command
+from lab.quantization import quantize_command
 from lab.run_selection import RunQuery, model_config, parse_runs, select_runs, selection_from_config
 from lab.tracking import get_or_create_experiment, tracking_uri
 from tests.conftest import compose_config, tiny_train_overrides

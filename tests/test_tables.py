@@ -59,7 +59,7 @@ def test_a_table_without_columns_is_refused():
 def test_every_writer_goes_through_markdown_table():
     from lab.bench import COLUMNS, Row as BenchRow, results_table
     from lab.bench_eval import Criterion, format_criteria
-    from lab.evaluate import Report, format_table
+    from lab.evaluation import Report, format_table
 
     evaluated = format_table([Report("fp|32", Path("."), False, {"size_mb": 1.5, "val/web/ppl": 12.0}),
                               Report("int8wo", Path("."), True, {"val/web/ppl": 12.5})])

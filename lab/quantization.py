@@ -1,0 +1,463 @@
+"""The library of `python -m lab.quantize` (the command is lab/quantize.py); what it does:
+
+Quantize a trained model into small torchao variants: `python -m lab.quantize model_path=<run>/hf`.
+
+    python -m lab.quantize model_path=outputs/<run>/<time>/hf [variants=[int8wo,intx4wo]] [device=cpu]
+    python -m lab.quantize model_path=outputs/<run>/<time>/checkpoints/last.ckpt
+    python -m lab.quantize runs=experiment:arch_bakeoff_tiny ["run_tags={bakeoff:tiny-v1}"] [run_latest=false]
+
+`model_path` is an HF export (save_pretrained + tokenizer) or a lab.train Lightning checkpoint.
+`runs=experiment:<name>` instead quantizes the HF export of every finished training run of that MLflow
+experiment (the newest per run name unless run_latest=false; `run_tags` narrows by tags; lab/run_selection.py),
+one after the other: a run that fails is reported and the others go on; the command then exits non-zero with
+one line naming the failed runs. Give one of model_path and runs, not both.
+
+Every variant is written as a self-contained HF folder (config.json with its `quantization_config`,
+safetensors holding torchao tensors, the tokenizer) that `AutoModelForCausalLM.from_pretrained`
+loads back; lab.model_io's `load_model` additionally handles checkpoints and the one fix-up quantized
+models need (below). The float reference is written beside them, so every variant is measured the same way.
+
+Variants (torchao 0.18 `quantize_` configs, applied while transformers loads the float reference):
+
+    name      torchao config                                              runs on
+    int8wo    Int8WeightOnlyConfig (per-channel)                          cpu, cuda
+    int8dq    Int8DynamicActivationInt8WeightConfig (per-token x per-ch.) cpu, cuda
+    intx4wo   IntxWeightOnlyConfig(int4, PerGroup(group_size))            cpu  (int4 values stored unpacked in int8)
+    int4wo    Int4WeightOnlyConfig(group_size, tile_packed_to_4d)         cuda (tinygemm kernel, bf16)
+    float8dq  Float8DynamicActivationFloat8WeightConfig(PerRow)           cuda, compute capability >= 8.9 (H100)
+
+What is quantized: the weight of every nn.Linear inside the blocks (attention q/k/v/o or the fused
+query_key_value, the MLP, Mamba2's in_proj/out_proj). The tied input embedding / LM head: for int8wo
+by default (`variant_options.<variant>.quantize_embedding`; int8wo and int8dq only), quantized ONCE as
+the head's int8 weight (one scale per vocabulary row, which is also per token for the lookup) and that
+single tensor is shared with the embedding, so the model stays tied and stores one int8 copy; the
+other variants keep it float (quantizing only the head would untie it and store a second copy).
+What stays float: norms, biases, Mamba2's conv1d and SSM parameters (A_log, D, dt_bias). Per variant,
+a layer is also left float when its width does not divide into the variant's groups, or when its
+class overrides `forward` with something other than F.linear; quantize.json lists every such layer
+with the reason, and says per variant whether the embedding / head are quantized.
+
+A shared int8 embedding is saved once (under the embedding's name; the head is tied to it on load,
+as transformers does for float tied weights), so plain `from_pretrained` rebuilds the tied pair.
+torchao's F.embedding on an int8 tensor dequantizes the whole table per call; `load_model` routes the
+lookup through a row gather that dequantizes only the looked-up rows (the same numbers).
+
+Output: `<run_dir>/quantized/<model name>/` (`output_dir=` to change; with runs=, `<output_dir>/<run name>/`),
+one folder per variant plus quantize.json: per variant its path, bytes on disk, in-memory weight bytes,
+quantized/skipped layers, the torchao config and the reload check (logits of the saved folder vs the
+in-memory model).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from lab import LabError
+from lab.model_io import (INDEX_FILE, VARIANT_FILE, ModelSource, default_output_dir, disk_bytes, dtype_name,
+                          is_quantized, load_model, load_tokenizer, quiet_transformers, read_index, resolve_device,
+                          resolve_dtype, resolve_source, use_gather_embedding, use_linear_forward, weight_bytes)
+from lab.units import MB
+
+log = logging.getLogger("lab.quantize")
+
+
+# -- variants -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    make_config: Callable[[Mapping[str, Any], torch.device], Any]   # (options, device) -> torchao AOBaseConfig
+    devices: tuple[str, ...]                    # device types whose kernels it targets
+    min_capability: tuple[int, int] | None = None   # CUDA compute capability it needs
+    dtype: torch.dtype | None = None            # float dtype its kernels need (None: the reference dtype)
+    group_size: int | None = None               # default group size (per-group schemes)
+    # can quantize the tied embedding / LM head once and share it: the weight tensor it makes implements
+    # both F.linear (head) and F.embedding (lookup) and one scale per vocabulary row
+    shares_embedding: bool = False
+    quantize_embedding: bool = False            # default of variant_options.<name>.quantize_embedding
+
+    def unsupported_reason(self, device: torch.device) -> str | None:
+        if device.type not in self.devices:
+            return f"runs on {' / '.join(self.devices)} only"
+        if self.min_capability and device.type == "cuda":
+            capability = torch.cuda.get_device_capability(device)
+            if capability < self.min_capability:
+                need = ".".join(map(str, self.min_capability))
+                return f"needs CUDA compute capability >= {need} (this GPU: {capability[0]}.{capability[1]})"
+        return None
+
+
+def _int8wo(options: Mapping[str, Any], device: torch.device) -> Any:
+    from torchao.quantization import Int8WeightOnlyConfig, PerRow
+
+    return Int8WeightOnlyConfig(granularity=PerRow())
+
+
+def _int8dq(options: Mapping[str, Any], device: torch.device) -> Any:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+    from torchao.utils import should_reduce_range
+
+    # CPUs without VNNI overflow int8 x int8 accumulation unless the range is reduced
+    return Int8DynamicActivationInt8WeightConfig(reduce_range=should_reduce_range(device))
+
+
+def _intx4wo(options: Mapping[str, Any], device: torch.device) -> Any:
+    from torchao.quantization import IntxWeightOnlyConfig, PerGroup
+
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(int(options["group_size"])))
+
+
+def _int4wo(options: Mapping[str, Any], device: torch.device) -> Any:
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    # tile_packed_to_4d is the tinygemm layout stock PyTorch CUDA builds ship a kernel for; the
+    # default "plain" layout needs the separate mslk package
+    return Int4WeightOnlyConfig(group_size=int(options["group_size"]), int4_packing_format="tile_packed_to_4d")
+
+
+def _float8dq(options: Mapping[str, Any], device: torch.device) -> Any:
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("int8wo", "int8 weights (per-channel scales), matmul in the float dtype", _int8wo, ("cpu", "cuda"),
+            shares_embedding=True, quantize_embedding=True),
+    Variant("int8dq", "int8 weights and dynamically quantized int8 activations", _int8dq, ("cpu", "cuda"),
+            shares_embedding=True),
+    Variant("intx4wo", "int4 weights in groups (stored unpacked, one int8 per value)", _intx4wo, ("cpu",),
+            group_size=32),
+    Variant("int4wo", "int4 weights in groups, packed for the tinygemm kernel", _int4wo, ("cuda",),
+            dtype=torch.bfloat16, group_size=128),
+    Variant("float8dq", "float8 e4m3 weights and activations (per-row scales)", _float8dq, ("cuda",),
+            min_capability=(8, 9), dtype=torch.bfloat16),
+)}
+
+
+def variant_options(variant: Variant, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The variant's knobs: its defaults (group_size, quantize_embedding) with `overrides` on top."""
+    return {"group_size": variant.group_size, "quantize_embedding": variant.quantize_embedding,
+            **dict(overrides or {})}
+
+
+def supported_variants(device: torch.device) -> list[str]:
+    return [name for name, variant in VARIANTS.items() if variant.unsupported_reason(device) is None]
+
+
+def resolve_variants(requested: str | Sequence[str] | None, device: torch.device) -> list[Variant]:
+    """`auto` (or empty): every variant this device runs; a list: those, or a LabError naming what is supported."""
+    supported = supported_variants(device)
+    if requested in (None, "auto") or (not isinstance(requested, str) and not list(requested)):
+        return [VARIANTS[name] for name in supported]
+    names = [requested] if isinstance(requested, str) else [str(name) for name in requested]
+    variants = []
+    for name in names:
+        if name not in VARIANTS:
+            raise LabError(f"unknown variant {name!r}; known variants: {', '.join(VARIANTS)}")
+        reason = VARIANTS[name].unsupported_reason(device)
+        if reason:
+            raise LabError(f"variant {name} ({VARIANTS[name].description}) {reason}; this device is {device}. "
+                           f"Supported here: {', '.join(supported) or '(none)'}")
+        variants.append(VARIANTS[name])
+    return variants
+
+
+@functools.lru_cache(maxsize=1)
+def lab_quant_types() -> frozenset[str]:
+    """Every torchao class name the lab's own variants serialize into a folder's quantization_config: what a
+    quantized folder from elsewhere may name (from_pretrained builds whatever it names)."""
+    from transformers import TorchAoConfig
+
+    from lab.models import _serialized_types
+
+    names: set[str] = set()
+    for variant in VARIANTS.values():
+        config = variant.make_config(variant_options(variant), torch.device(variant.devices[0]))
+        names |= _serialized_types(TorchAoConfig(config).to_dict())
+    return frozenset(names)
+
+
+# -- what a model has quantized -------------------------------------------------------------------------------------
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Names of modules whose weight is a torchao tensor subclass (a shared tied weight: every module using it)."""
+    return [name for name, module in model.named_modules() if is_quantized(getattr(module, "weight", None))]
+
+
+def tied_embedding(model: nn.Module) -> tuple[str, str] | None:
+    """(input embedding name, LM head name) when the two modules share one weight, else None."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embedding is None or head.weight is not embedding.weight:
+        return None
+    names = {id(module): name for name, module in model.named_modules()}
+    return names[id(embedding)], names[id(head)]
+
+
+def embedding_state(model: nn.Module) -> dict[str, Any]:
+    """What quantize.json / lab_variant.json say about the embedding and the LM head."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return {"embedding_quantized": embedding is not None and is_quantized(embedding.weight),
+            "lm_head_quantized": head is not None and is_quantized(head.weight),
+            "embedding_tied": head is not None and embedding is not None and head.weight is embedding.weight}
+
+
+# -- quantizing -----------------------------------------------------------------------------------------------------
+
+
+def layers_to_keep_float(model: nn.Module, group_size: int | None, quantize_embedding: bool = False) -> dict[str, str]:
+    """{module name: reason} of the Linear layers a variant leaves float (see the module docstring).
+
+    quantize_embedding: the LM head is quantized too when it is tied to a plain nn.Embedding (the caller
+    then shares the quantized weight with the embedding, `share_quantized_embedding`)."""
+    keep = use_linear_forward(model)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or name in keep:
+            continue
+        if module is head:
+            if quantize_embedding and tied and type(embedding) is nn.Embedding:
+                continue
+            if tied and quantize_embedding:
+                keep[name] = f"LM head (tied to a {type(embedding).__name__}, not an nn.Embedding)"
+            elif tied:
+                keep[name] = "LM head (tied to the input embedding; quantize_embedding=false)"
+            else:
+                keep[name] = "LM head (output layer, kept float)"
+        elif group_size and module.in_features % group_size:
+            keep[name] = f"in_features={module.in_features} is not a multiple of group_size={group_size}"
+    return keep
+
+
+def share_quantized_embedding(model: nn.Module, tied: tuple[str, str] | None) -> bool:
+    """After quantize_ replaced the tied head's weight by a torchao tensor (untying it), make the input
+    embedding use that same Parameter again: one int8 copy for the lookup and the head. True if shared."""
+    if tied is None:
+        return False
+    embedding, head = model.get_submodule(tied[0]), model.get_submodule(tied[1])
+    if not is_quantized(head.weight) or head.weight.shape != embedding.weight.shape:
+        return False
+    embedding.weight = head.weight
+    use_gather_embedding(model)
+    return True
+
+
+def quantize_model(model: nn.Module, variant: Variant, options: Mapping[str, Any],
+                   device: torch.device) -> tuple[Any, dict[str, str]]:
+    """Quantize `model` in place with `variant` (the layer choice of the module docstring).
+
+    Returns (torchao config, {layer kept float: reason})."""
+    from torchao.quantization import quantize_
+
+    quantize_embedding = bool(options.get("quantize_embedding", False))
+    if quantize_embedding and not variant.shares_embedding:
+        sharing = ", ".join(name for name, v in VARIANTS.items() if v.shares_embedding)
+        raise LabError(f"variant {variant.name}: quantize_embedding=true is supported for {sharing} only "
+                       f"(their weight tensor serves both the embedding lookup and the LM head)")
+    config = variant.make_config(options, device)
+    tied = tied_embedding(model)
+    keep_float = layers_to_keep_float(model, options.get("group_size") if variant.group_size else None,
+                                      quantize_embedding)
+    quantize_(model, config, filter_fn=lambda module, name: isinstance(module, nn.Linear) and name not in keep_float)
+    if quantize_embedding and tied is not None and tied[1] not in keep_float:
+        if not share_quantized_embedding(model, tied):
+            raise LabError(f"variant {variant.name}: the tied LM head {tied[1]} was not quantized; "
+                           "cannot share a quantized embedding")
+    return config, keep_float
+
+
+@dataclass
+class VariantResult:
+    name: str
+    path: Path
+    description: str
+    disk_bytes: int
+    weight_bytes: int
+    quantized_layers: int
+    kept_float: dict[str, str] = field(default_factory=dict)
+    torchao_config: str = ""
+    reload_max_abs_diff: float = 0.0
+    seconds: float = 0.0
+    embedding: dict[str, Any] = field(default_factory=dict)   # embedding_state(): quantized / tied flags
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "description": self.description, "disk_bytes": self.disk_bytes,
+                "weight_bytes": self.weight_bytes, "quantized_layers": self.quantized_layers,
+                "kept_float": self.kept_float, **self.embedding, "torchao_config": self.torchao_config,
+                "reload_max_abs_diff": self.reload_max_abs_diff, "seconds": round(self.seconds, 3)}
+
+
+def _probe_ids(model: nn.Module, length: int = 16) -> torch.Tensor:
+    vocab = int(model.config.vocab_size)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(min(2, vocab - 1), vocab, (1, length), generator=generator)   # [1, length]
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids.to(model.device), use_cache=False).logits.float().cpu()   # [1, length, vocab]
+
+
+def _write_variant_meta(folder: Path, variant: str, source: ModelSource, **extra: Any) -> None:
+    meta = {"variant": variant, "source": str(source.path), "source_kind": source.kind,
+            "run_dir": str(source.run_dir) if source.run_dir else None, "train_run_id": source.train_run_id, **extra}
+    (folder / VARIANT_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def save_reference(model: nn.Module, tokenizer: Any, folder: Path, source: ModelSource, dtype: torch.dtype) -> None:
+    """The float model as an HF folder (the baseline every variant is compared with)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _write_variant_meta(folder, dtype_name(dtype), source, quantized=False, **embedding_state(model))
+
+
+def _flat_state_dict_once(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The torchao-flattened state dict with every tied target left out (its source holds the tensor).
+
+    transformers' own de-duplication of tied weights matches `lm_head.weight`, which the flattened
+    names (`lm_head._weight_qdata`...) no longer are, so a shared quantized weight would be written twice."""
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    state = model.state_dict()
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if target in state and source in state and model.get_parameter(target) is model.get_parameter(source):
+            del state[target]
+    return flatten_tensor_state_dict(state)
+
+
+def attach_hf_quantizer(model: nn.Module, config: Any, keep_float: Mapping[str, str]) -> None:
+    """Make a model quantized in place by `quantize_` saveable by save_pretrained, as from_pretrained
+    would have left it: a torchao HF quantizer (safetensors of flattened torchao tensors + metadata) and
+    `quantization_config` in config.json, naming the layers left float."""
+    from transformers import TorchAoConfig
+    from transformers.quantizers import AutoHfQuantizer
+
+    shared = embedding_state(model)
+    # exact module names: transformers matches these as regexes up to a module boundary
+    quant_config = TorchAoConfig(config, modules_to_not_convert=[re.escape(name) for name in keep_float],
+                                 include_input_output_embeddings=shared["embedding_quantized"])
+    quantizer = AutoHfQuantizer.from_config(quant_config, pre_quantized=False)
+    if shared["embedding_quantized"]:
+        quantizer.get_state_dict_and_metadata = _flat_state_dict_once
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+
+
+def quantize_variant(variant: Variant, reference_dir: Path, out_dir: Path, source: ModelSource, tokenizer: Any,
+                     device: torch.device, options: Mapping[str, Any], reference_dtype: torch.dtype) -> VariantResult:
+    """Quantize the float reference with `variant`'s torchao config, save it, and check it loads back."""
+    start = time.perf_counter()
+    model, _ = load_model(reference_dir, device, variant.dtype or reference_dtype)
+    config, keep_float = quantize_model(model, variant, options, device)
+    embedding = embedding_state(model)
+    layers = quantized_layers(model)
+    if not layers:
+        raise LabError(f"variant {variant.name}: no layer could be quantized ({len(keep_float)} kept float: "
+                       f"{dict(list(keep_float.items())[:3])})")
+    attach_hf_quantizer(model, config, keep_float)
+    probe = _probe_ids(model)
+    expected = _logits(model, probe)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    _write_variant_meta(out_dir, variant.name, source, quantized=True, kept_float=dict(keep_float), **embedding)
+    weights = weight_bytes(model)
+    del model
+    reloaded, _ = load_model(out_dir, device)
+    diff = (_logits(reloaded, probe) - expected).abs().max().item()
+    if not math.isfinite(diff) or diff > 1e-3 * max(1.0, expected.abs().max().item()):
+        raise LabError(f"variant {variant.name}: the saved folder {out_dir} does not reproduce the quantized model "
+                       f"(max |logit diff| {diff:.3g} after reload)")
+    if embedding_state(reloaded) != embedding:
+        raise LabError(f"variant {variant.name}: the saved folder {out_dir} reloads with embedding/head "
+                       f"{embedding_state(reloaded)}, not {embedding}")
+    return VariantResult(variant.name, out_dir, variant.description, disk_bytes(out_dir), weights, len(layers),
+                         dict(keep_float), repr(config), diff, time.perf_counter() - start, embedding)
+
+
+def quantize(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Write the float reference and each variant; returns (and writes) the quantize.json index."""
+    quiet_transformers()
+    source = resolve_source(cfg.get("model_path"))
+    device = resolve_device(cfg.get("device"))
+    reference_dtype = resolve_dtype(cfg.get("dtype"), device)
+    variants = resolve_variants(cfg.get("variants"), device)
+    out_root = Path(cfg["output_dir"]).resolve() if cfg.get("output_dir") else default_output_dir(source)
+    out_root.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(source, cfg.get("tokenizer_path"))
+
+    model, _ = load_model(source, "cpu", reference_dtype)
+    reference_name = dtype_name(reference_dtype)
+    reference_dir = out_root / reference_name
+    save_reference(model, tokenizer, reference_dir, source, reference_dtype)
+    index: dict[str, Any] = {
+        "source": str(source.path), "source_kind": source.kind,
+        "run_dir": str(source.run_dir) if source.run_dir else None, "train_run_id": source.train_run_id,
+        "device": str(device), "reference": reference_name,
+        "variants": {reference_name: {"path": str(reference_dir), "description": f"unquantized ({reference_name})",
+                                      "disk_bytes": disk_bytes(reference_dir), "weight_bytes": weight_bytes(model),
+                                      "quantized_layers": 0, **embedding_state(model)}},
+    }
+    previous = read_index(out_root)
+    if previous and previous.get("reference") == reference_name and previous.get("source") == str(source.path):
+        # variants quantized earlier from the same reference stay listed (unless redone now)
+        for name, item in previous["variants"].items():
+            if name not in index["variants"] and Path(item["path"]).is_dir():
+                index["variants"][name] = item
+    log.info("quantizing %s (%s) on %s into %s: %s", source.path, source.kind, device, out_root,
+             ", ".join(v.name for v in variants))
+    options_cfg = cfg.get("variant_options") or {}
+    for variant in variants:
+        options = variant_options(variant, options_cfg.get(variant.name))
+        result = quantize_variant(variant, reference_dir, out_root / variant.name, source, tokenizer, device,
+                                  options, reference_dtype)
+        index["variants"][variant.name] = result.to_json()
+    del model
+    (out_root / INDEX_FILE).write_text(json.dumps(index, indent=1))
+    print(format_index(index))
+    log.info("wrote %s", out_root / INDEX_FILE)
+    return index
+
+
+def format_index(index: Mapping[str, Any]) -> str:
+    reference = index["variants"][index["reference"]]
+    lines = [f"{'variant':<10} {'disk MB':>9} {'x ref':>6} {'weights MB':>10} {'quantized':>9} {'kept float':>10} "
+             f"{'emb/head':>8}  description"]
+    for name, item in index["variants"].items():
+        embedding = "quant" if item.get("embedding_quantized") else "float"   # absent in older indexes: float
+        lines.append(f"{name:<10} {item['disk_bytes'] / MB:>9.3f} {item['disk_bytes'] / reference['disk_bytes']:>6.3f} "
+                     f"{item['weight_bytes'] / MB:>10.3f} {item['quantized_layers']:>9} "
+                     f"{len(item.get('kept_float', {})):>10} {embedding:>8}  {item['description']}")
+    return "\n".join(lines)
+
+
+def quantize_command(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """`model_path=`: quantize that model (its quantize.json index). `runs=`: quantize every selected run's
+    export, going on past failures; {run label: index}, or one LabError line naming the runs that failed."""
+    from lab.run_selection import for_each_model, model_config, selection_from_config
+
+    selection = selection_from_config(cfg)
+    if selection is None:
+        return quantize(cfg)
+    return for_each_model(selection, lambda run: quantize(model_config(cfg, run, folders=("output_dir",))),
+                          "lab.quantize")
