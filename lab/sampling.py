@@ -1,18 +1,5 @@
-"""The library of `python -m lab.generate` (the command is lab/generate.py); what it does:
-
-Sample text from any lab model: `python -m lab.generate model_path=<run>/hf "prompt='Era odată'"`.
-
-    python -m lab.generate model_path=outputs/<run>/<time>/hf "prompt='Era odată'" [max_new_tokens=100]
-    python -m lab.generate model_path=.../quantized/hf/int8wo prompt_file=prompts.txt do_sample=false
-    python -m lab.generate model_path=.../checkpoints/last.ckpt temperature=0.7 top_k=40 top_p=0.9 seed=7
-
-A prompt with spaces is quoted for Hydra inside the shell's quotes: "prompt='Era odată'".
-Works for every arch and for lab.quantize variants (transformers' generate). Decoding: greedy
-(`do_sample=false`) or sampling with temperature / top-k / top-p, plus a repetition penalty; `seed`
-makes samples reproducible (prompt i uses seed + i). `prompt_file`: one prompt per non-empty line
-(write `\\n` for a line break inside a prompt). Documents in the training stream follow an EOS token,
-so by default a prompt starts after one (`prepend_eos`), as a new document would.
-"""
+"""Text generation from a loaded model: the decoding settings (`Sampling`), prompts, and continuations (greedy or
+sampled, seeded). The command and its usage: lab/generate.py."""
 
 from __future__ import annotations
 
@@ -28,7 +15,7 @@ from torch import nn
 from lab import LabError
 from lab.model_io import load_model, load_tokenizer, quiet_transformers, resolve_device, resolve_dtype, resolve_source
 
-log = logging.getLogger("lab.generate")
+log = logging.getLogger("lab.generate")  # the command's name: its console lines keep their prefix
 
 
 @dataclass(frozen=True)
