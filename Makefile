@@ -28,7 +28,7 @@ MLFLOW_PORT ?= 5000
 
 .DEFAULT_GOAL := help
 .PHONY: help setup setup-gpu demo test test-slow data data-sample train multirun sweep sweep-worker bakeoff study curriculum mlflow-server compare \
-        quantize eval bench-eval generate bench bench-data lint clean
+        quantize eval bench-eval generate bench bench-data clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -48,8 +48,8 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m pip check
 	touch $@
 
-setup-gpu: setup ## GPU extras: mamba-ssm, causal-conv1d (built with nvcc)
-	bash scripts/build_gpu_kernels.sh
+setup-gpu: setup ## GPU extras on a GPU machine: build and install mamba-ssm, causal-conv1d with nvcc (run `scripts/build_gpu_kernels.sh download` where PyPI is reachable first)
+	PYTHON=$(PY) bash scripts/build_gpu_kernels.sh build
 
 demo: setup ## prepare the sample, train all five archs (tiny, CPU), print the comparison table
 	$(PY) -m lab.prepare $(DEMO_DATA)
@@ -116,7 +116,7 @@ generate: setup ## sample text: make generate ARGS="model_path=... prompt='Era o
 bench: setup ## training throughput/MFU per arch, tuned vs plain (needs a GPU for real numbers)
 	$(PY) -m lab.bench $(ARGS)
 
-bench-data: setup ## data pipeline MB/s and peak RSS on the real corpus (CORPUS=...)
+bench-data: setup ## data pipeline MiB/s and peak RSS on the real corpus (CORPUS=...)
 	$(PY) -m lab.bench_data --corpus $(CORPUS) --batch-mb 4 $(ARGS)   # small shards keep every core busy on ~55 MB
 
 clean: ## remove run outputs (keeps .venv, data/prepared and the MLflow store)

@@ -18,22 +18,27 @@ run (`quant/<variant>/bench/...`) and exits non-zero when a measured criterion f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lab import LabError, run_or_exit
-from lab.evaluation import Report, _output_dir, evaluate
+from lab.command_settings import settings_for
+from lab.evaluation import Report, evaluate
 from lab.model_io import (default_output_dir, dtype_name, load_model, read_index, resolve_device, resolve_dtype,
                           resolve_source, weight_bytes)
-from lab.quantization import VARIANTS, quantize, quantize_model, variant_options
+from lab.quantization import VARIANTS, quantize, quantize_model
+
+if TYPE_CHECKING:
+    from lab.command_settings import Bench, EvaluateSettings, QuantizeSettings
 from lab.tables import markdown_table
 
 log = logging.getLogger("lab.bench_eval")
@@ -54,42 +59,49 @@ def weight_memory_ratio(model_path: Path, variant_name: str, options: Mapping[st
     variant = VARIANTS[variant_name]
     model, _ = load_model(model_path, "cpu", torch.bfloat16)
     reference = weight_bytes(model)
-    quantize_model(model, variant, variant_options(variant, options), torch.device("cpu"))
+    quantize_model(model, variant, options, torch.device("cpu"))
     quantized = weight_bytes(model)
     return quantized / reference, reference, quantized
 
 
-def ensure_variant(cfg: DictConfig, variant: str) -> Path:
-    """The quantize output root holding `variant` (quantized now if it is missing)."""
-    source = resolve_source(cfg.model_path)
-    device = resolve_device(cfg.get("device"))
-    reference = dtype_name(resolve_dtype(cfg.get("dtype"), device))
-    root = Path(cfg.quantized_dir) if cfg.get("quantized_dir") else default_output_dir(source)
+def quantize_settings(settings: "EvaluateSettings") -> "QuantizeSettings":
+    """lab.quantize's settings (conf/quantize.yaml + bench.quantize overrides) for the benchmarked variant of this
+    model, on this device and dtype, into quantized_dir (or lab.quantize's default folder)."""
+    source = resolve_source(settings.model_path)
+    return settings_for("quantize", list(settings.bench.quantize), model_path=str(source.path),
+                        variants=[settings.bench.variant], device=settings.device, dtype=settings.dtype,
+                        tokenizer_path=settings.tokenizer_path,
+                        output_dir=str(settings.quantized_dir or default_output_dir(source)))
+
+
+def ensure_variant(settings: "EvaluateSettings", quantizing: "QuantizeSettings") -> Path:
+    """The quantize output root holding the benchmarked variant (quantized now if it is missing)."""
+    device = resolve_device(settings.device)
+    reference = dtype_name(resolve_dtype(settings.dtype, device))
+    root = Path(quantizing.output_dir)
     index = read_index(root)
-    if index is None or index["reference"] != reference or variant not in index["variants"]:
-        log.info("quantizing %s to %s first", source.path, variant)
-        quantize({"model_path": cfg.model_path, "variants": [variant], "device": cfg.get("device"),
-                  "dtype": cfg.get("dtype"), "output_dir": str(root), "tokenizer_path": cfg.get("tokenizer_path"),
-                  "variant_options": cfg.get("variant_options")})
+    if index is None or index["reference"] != reference or settings.bench.variant not in index["variants"]:
+        log.info("quantizing %s to %s first", quantizing.model_path, settings.bench.variant)
+        quantize(quantizing)
     return root
 
 
-def criteria(reference: Report, variant: Report, bench: Mapping[str, Any], device: torch.device,
+def criteria(reference: Report, variant: Report, bench: "Bench", device: torch.device,
              memory_ratio: float) -> list[Criterion]:
     ppl_keys = sorted(k for k in reference.metrics if k.endswith("/ppl") and not k.startswith("task/"))
     if not ppl_keys:
         raise LabError("the benchmark needs held-out perplexity: give prepared_dir=<folder> or texts=[file]")
     increases = {k: variant.metrics[k] / reference.metrics[k] - 1 for k in ppl_keys}
     worst = max(increases, key=increases.get)
-    limit = float(bench["max_ppl_increase"])
+    limit = bench.max_ppl_increase
     results = [Criterion("ppl_increase", increases[worst], limit, increases[worst] <= limit,
                          f"worst of {', '.join(f'{k} {v:+.3%}' for k, v in increases.items())}")]
-    mem_limit = float(bench["max_weight_memory_ratio"])
+    mem_limit = bench.max_weight_memory_ratio
     results.append(Criterion("weight_memory_ratio_bf16", memory_ratio, mem_limit, memory_ratio <= mem_limit,
                              "variant weight bytes / bf16 weight bytes (device-independent)"))
     speed_ref, speed_var = reference.metrics.get("decode_tok_s_bs1"), variant.metrics.get("decode_tok_s_bs1")
     speedup = speed_var / speed_ref if speed_ref and speed_var else None
-    speed_limit = float(bench["min_decode_speedup"])
+    speed_limit = bench.min_decode_speedup
     if device.type == "cuda" and speedup is not None:
         compiled = variant.params.get("compile") == "True"
         results.append(Criterion("decode_speedup_bs1", speedup, speed_limit, speedup >= speed_limit,
@@ -112,26 +124,26 @@ def format_criteria(results: list[Criterion], variant: str, reference: str) -> s
     return markdown_table([f"{variant} vs {reference}", "value", "threshold", "result", "note"], rows)
 
 
-def bench(cfg: DictConfig) -> dict[str, Any]:
-    settings = cfg.bench
-    variant = str(settings.variant)
+def bench(settings: "EvaluateSettings") -> dict[str, Any]:
+    variant = settings.bench.variant
     if variant not in VARIANTS:
         raise LabError(f"bench.variant={variant!r} is not a variant; known: {', '.join(VARIANTS)}")
-    device = resolve_device(cfg.get("device"))
-    reference = dtype_name(resolve_dtype(cfg.get("dtype"), device))
-    root = ensure_variant(cfg, variant)
-    eval_cfg = OmegaConf.merge(cfg, {"variants": [reference, variant], "quantized_dir": str(root), "tasks": []})
-    reports = {r.name: r for r in evaluate(eval_cfg)}
+    device = resolve_device(settings.device)
+    reference = dtype_name(resolve_dtype(settings.dtype, device))
+    quantizing = quantize_settings(settings)
+    root = ensure_variant(settings, quantizing)
+    reports = {r.name: r for r in evaluate(dataclasses.replace(settings, variants=(reference, variant),
+                                                               quantized_dir=str(root), tasks=()))}
     ratio, bf16_bytes, variant_bytes = weight_memory_ratio(Path(reports[reference].path), variant,
-                                                           dict((cfg.get("variant_options") or {}).get(variant) or {}))
-    results = criteria(reports[reference], reports[variant], settings, device, ratio)
+                                                           quantizing.variant_options[variant])
+    results = criteria(reports[reference], reports[variant], settings.bench, device, ratio)
     print(format_criteria(results, variant, reference))
-    summary = {"model_path": str(cfg.model_path), "device": str(device), "reference": reference, "variant": variant,
-               "bf16_weight_bytes": bf16_bytes, "variant_weight_bytes_bf16": variant_bytes,
+    summary = {"model_path": str(settings.model_path), "device": str(device), "reference": reference,
+               "variant": variant, "bf16_weight_bytes": bf16_bytes, "variant_weight_bytes_bf16": variant_bytes,
                "criteria": [asdict(c) for c in results],
                "metrics": {name: r.metrics for name, r in reports.items()}}
-    out_dir = _output_dir(cfg)
-    if out_dir is not None:
+    if settings.output_dir:
+        out_dir = Path(settings.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "bench.json").write_text(json.dumps(summary, indent=1))
     run_id = reports[variant].run_id
@@ -140,20 +152,18 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
 
         from lab.tracking import tracking_uri
 
-        client = MlflowClient(tracking_uri((cfg.get("mlflow") or {}).get("tracking_uri")))
+        client = MlflowClient(tracking_uri(settings.mlflow.tracking_uri))
         for c in results:
             if c.value is not None and math.isfinite(c.value):
                 client.log_metric(run_id, f"quant/{variant}/bench/{c.name}", float(c.value))
     return summary
 
 
-def bench_and_judge(cfg: DictConfig) -> dict:
-    from lab.settings import check_knobs
-
-    if cfg.get("runs"):
-        raise LabError(f"lab.bench_eval benchmarks one model: give model_path=<run>/hf, not runs={cfg.runs} "
+def bench_and_judge(settings: "EvaluateSettings") -> dict:
+    if settings.runs:
+        raise LabError(f"lab.bench_eval benchmarks one model: give model_path=<run>/hf, not runs={settings.runs} "
                        "(runs= is for lab.quantize and lab.evaluate)")
-    summary = bench(check_knobs(cfg, "evaluate"))
+    summary = bench(settings)
     failed = [c["name"] for c in summary["criteria"] if c["passed"] is False]
     if failed:  # a missed criterion fails the command like any other error: one line, exit status 1
         raise LabError(f"benchmark failed: {', '.join(failed)}")
@@ -162,7 +172,9 @@ def bench_and_judge(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    run_or_exit(bench_and_judge, cfg, log)
+    from lab.evaluate import settings_in_run_folder
+
+    run_or_exit(lambda composed: bench_and_judge(settings_in_run_folder(composed)), cfg, log)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
 from torch import nn
 from transformers.generation.streamers import BaseStreamer
 
@@ -31,6 +29,9 @@ from lab.model_io import (ModelSource, default_output_dir, disk_bytes, dtype_nam
 from lab.quantization import VARIANTS
 from lab.tables import markdown_table
 from lab.units import MB
+
+if TYPE_CHECKING:
+    from lab.command_settings import Efficiency, EvalTracking, EvaluateSettings
 
 log = logging.getLogger("lab.evaluate")  # the command's name: its console lines keep their prefix
 LN2 = math.log(2.0)
@@ -299,33 +300,32 @@ def timed_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, kwargs:
     return statistics.median(first), statistics.median(per_token) if per_token else None
 
 
-def measure_speed(model: nn.Module, tokenizer: Any, options: Mapping[str, Any], compile_: bool,
-                  seed: int = 0) -> dict[str, float]:
+def measure_speed(model: nn.Module, tokenizer: Any, options: "Efficiency", compile_: bool,
+                  seed: int) -> dict[str, float]:
     """ttft_ms_<len> per prompt length that fits, decode_tok_s_bs<b> per batch size."""
     limit = context_limit(model)
     generator = torch.Generator().manual_seed(seed)
     vocab = int(model.config.vocab_size)
     special = list(getattr(tokenizer, "all_special_ids", []) or [])
     kwargs = generate_kwargs(model, compile_)
-    repeats, warmup = max(1, int(options.get("repeats", 3))), int(options.get("warmup", 1))
+    repeats, warmup = options.repeats, options.warmup
     if "compile_config" in kwargs:
         warmup = max(1, warmup)  # every new shape compiles on its first call
     metrics: dict[str, float] = {}
     # prompt lengths capped to leave room for the one generated token
-    lengths = sorted({min(int(length), limit - 1) if limit else int(length) for length in options["prompt_lengths"]})
+    lengths = sorted({min(int(length), limit - 1) if limit else int(length) for length in options.prompt_lengths})
     for length in lengths:
         ids = random_prompt(vocab, special, 1, length, generator)
         ttft, _ = timed_generate(model, ids, 1, kwargs, repeats, warmup)
         metrics[f"ttft_ms_{length}"] = 1e3 * ttft
-    prompt = int(options.get("decode_prompt_length", 32))
-    new_tokens = int(options.get("decode_tokens", 64))
+    prompt, new_tokens = options.decode_prompt_length, options.decode_tokens
     if limit:
         prompt = max(1, min(prompt, limit // 4))
         new_tokens = min(new_tokens, limit - prompt)
     if new_tokens < 2:
         log.warning("no room to time decoding within %s positions", limit)
         return metrics
-    for batch in options["batch_sizes"]:
+    for batch in options.batch_sizes:
         ids = random_prompt(vocab, special, int(batch), prompt, generator)
         _, per_token = timed_generate(model, ids, new_tokens, kwargs, repeats, warmup)
         if per_token:
@@ -378,15 +378,15 @@ def metric_names(paths: Sequence[str], what: str) -> list[str]:
     return names
 
 
-def evaluate_entry(entry: Entry, cfg: Mapping[str, Any], device: torch.device, tokenizer: Any,
-                   prepared_dir: Path | None, max_blocks: int | None = None) -> Report:
+def evaluate_entry(entry: Entry, settings: "EvaluateSettings", device: torch.device, tokenizer: Any,
+                   prepared_dir: Path | None, max_blocks: int | None) -> Report:
     from lab.models import count_params
 
     report = Report(entry.name, entry.path, entry.quantized,
                     params={"variant": entry.name, "model_path": str(entry.path), "device": str(device),
                             "torchao_config": entry.torchao_config or "none"})
-    efficiency = cfg.get("efficiency") or {}
-    compile_ = resolve_compile(efficiency.get("compile", "auto"), device)
+    efficiency = settings.efficiency
+    compile_ = resolve_compile(efficiency.compile, device)
     with PeakMemory(device) as memory:
         start = time.perf_counter()
         model, _ = load_model(entry.path, device, entry.cast)
@@ -399,8 +399,8 @@ def evaluate_entry(entry: Entry, cfg: Mapping[str, Any], device: torch.device, t
         report.params["compile"] = str(compile_)
         if compile_:
             torch._dynamo.reset()  # graphs of the previous variant would count against the recompile limit
-        if efficiency.get("enabled", True):
-            report.metrics.update(measure_speed(model, tokenizer, efficiency, compile_, int(cfg.get("seed", 0))))
+        if efficiency.enabled:
+            report.metrics.update(measure_speed(model, tokenizer, efficiency, compile_, settings.seed))
     report.metrics["peak_vram_mb" if device.type == "cuda" else "peak_ram_mb"] = memory.peak_bytes / MB
     report.metrics["params"] = float(count_params(model).total)
     report.metrics["weights_mb"] = weight_bytes(model) / MB
@@ -409,29 +409,29 @@ def evaluate_entry(entry: Entry, cfg: Mapping[str, Any], device: torch.device, t
     report.params["dtype"] = dtype_name(next(p.dtype for p in model.parameters() if p.is_floating_point()))
 
     if prepared_dir is not None:
-        per_source = heldout_perplexity(model, prepared_dir, cfg.get("sources"), max_blocks,
-                                        int(cfg.get("batch_size", 8)))
+        per_source = heldout_perplexity(model, prepared_dir, settings.sources, max_blocks, settings.batch_size)
         for src, values in per_source.items():
             report.metrics.update({f"val/{src}/{k}": v for k, v in values.items() if k != "tokens"})
     window = trained_window(model, prepared_dir)
-    texts = list(cfg.get("texts") or [])
+    texts = list(settings.texts)
     if texts:
-        max_length = int(cfg.get("text_max_length") or window)
-        stride = int(cfg.get("stride") or max(1, max_length // 2))
+        max_length = settings.text_max_length or window
+        stride = settings.stride or max(1, max_length // 2)
         for text, name in zip(texts, metric_names(texts, "texts")):
             values = text_perplexity(model, tokenizer, Path(text), max_length, stride)
             report.metrics.update({f"text/{name}/{k}": v for k, v in values.items() if k != "tokens"})
-    tasks = list(cfg.get("tasks") or [])
+    tasks = list(settings.tasks)
     for task, name in zip(tasks, metric_names(tasks, "tasks")):
         from lab.tasks import load_task, score_task
 
         result = score_task(model, tokenizer, load_task(task), name, max_length=window,
-                            batch_size=int(cfg.get("batch_size", 8)))
+                            batch_size=settings.batch_size)
         report.metrics.update({f"task/{name}/{k}": v for k, v in result.metrics().items()})
-    if cfg.get("lm_eval_tasks"):  # lm-eval's own scorer on the same model, beside the lab's (lab/lm_eval_tasks.py)
+    if settings.lm_eval_tasks:  # lm-eval's own scorer on the same model, beside the lab's (lab/lm_eval_tasks.py)
         from lab.lm_eval_tasks import lm_eval_metrics
 
-        report.metrics.update(lm_eval_metrics(model, tokenizer, cfg, window, int(cfg.get("batch_size", 8))))
+        report.metrics.update(lm_eval_metrics(model, tokenizer, settings.lm_eval_tasks, settings.lm_eval, window,
+                                              settings.batch_size))
     del model
     return report
 
@@ -485,11 +485,8 @@ def set_threads(value: Any) -> int:
 
 
 def resolve_compile(value: Any, device: torch.device) -> bool:
-    if value in (None, "auto"):
-        return device.type == "cuda"
-    if isinstance(value, bool):
-        return value
-    raise LabError(f"efficiency.compile={value!r} must be auto, true or false")
+    """efficiency.compile: auto = CUDA only (static cache + torch.compile costs more than it saves on a CPU)."""
+    return device.type == "cuda" if value == "auto" else bool(value)
 
 
 def resolve_prepared_dir(value: Any, source: ModelSource) -> Path | None:
@@ -523,16 +520,16 @@ def check_tokenizer(tokenizer: Any, prepared_dir: Path) -> None:
 # -- MLflow ---------------------------------------------------------------------------------------------------------
 
 
-def log_reports(reports: Sequence[Report], source: ModelSource, settings: Mapping[str, Any]) -> None:
+def log_reports(reports: Sequence[Report], source: ModelSource, settings: "EvalTracking") -> None:
     """One MLflow run per variant, in the training run's experiment and linked to it."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     from lab.tracking import get_or_create_experiment, git_info, tracking_uri
 
-    uri = tracking_uri(settings.get("tracking_uri"))
+    uri = tracking_uri(settings.tracking_uri)
     client = MlflowClient(uri)
-    eval_of = settings.get("eval_of", "auto")
+    eval_of = settings.eval_of
     eval_of = source.train_run_id if eval_of == "auto" else eval_of
     train_run = None
     if eval_of:
@@ -540,14 +537,14 @@ def log_reports(reports: Sequence[Report], source: ModelSource, settings: Mappin
             train_run = client.get_run(eval_of)
         except Exception:  # noqa: BLE001 - mlflow raises its own types for a missing run
             log.warning("training run %s is not in %s; the evaluation is logged without a link", eval_of, uri)
-    if settings.get("experiment_name"):
-        experiment_id = get_or_create_experiment(settings["experiment_name"], uri)
+    if settings.experiment_name:
+        experiment_id = get_or_create_experiment(settings.experiment_name, uri)
     elif train_run is not None:
         experiment_id = train_run.info.experiment_id
     else:
         experiment_id = get_or_create_experiment("eval", uri)
     tags = {"kind": "eval", "model_source": str(source.path), **git_info(),
-            **{str(k): str(v) for k, v in (settings.get("tags") or {}).items()}}
+            **settings.tags}
     if train_run is not None:
         tags.update({"eval_of": train_run.info.run_id, "mlflow.parentRunId": train_run.info.run_id})
         for key in ("arch", "size", "seed", "data_sha256", "tokenizer_sha256"):
@@ -607,37 +604,37 @@ def _fmt(key: str, value: float) -> str:
 # -- entry point --------------------------------------------------------------------------------------------------------
 
 
-def evaluate(cfg: DictConfig | Mapping[str, Any]) -> list[Report]:
-    """Evaluate the model and its variants; prints the table, writes eval.json, logs to MLflow."""
+def evaluate(settings: "EvaluateSettings") -> list[Report]:
+    """Evaluate the model and its variants; prints the table, writes eval.json + eval.md into settings.output_dir
+    (when set), logs to MLflow."""
     quiet_transformers()
-    source = resolve_source(cfg.get("model_path"))
+    source = resolve_source(settings.model_path)
     for what in ("texts", "tasks"):  # a name clash is an error before any model is loaded
-        metric_names(list(cfg.get(what) or []), what)
-    check_lm_eval_tasks(cfg)  # names, options, task folders, lm-eval installed: before any model loads
-    device = resolve_device(cfg.get("device"))
-    dtype = resolve_dtype(cfg.get("dtype"), device)
-    threads = set_threads(cfg.get("threads"))
-    entries = variant_entries(source, cfg.get("variants"), device, dtype, cfg.get("quantized_dir"))
-    tokenizer = load_tokenizer(source, cfg.get("tokenizer_path"))
-    prepared_dir = resolve_prepared_dir(cfg.get("prepared_dir", "auto"), source)
+        metric_names(list(getattr(settings, what)), what)
+    check_lm_eval_tasks(settings.lm_eval_tasks, settings.lm_eval)  # names, folders, lm-eval installed: before loading
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    threads = set_threads(settings.threads)
+    entries = variant_entries(source, settings.variants, device, dtype, settings.quantized_dir)
+    tokenizer = load_tokenizer(source, settings.tokenizer_path)
+    prepared_dir = resolve_prepared_dir(settings.prepared_dir, source)
     if prepared_dir is not None:
         check_tokenizer(tokenizer, prepared_dir)
     log.info("evaluating %s on %s: %s", source.path, device, ", ".join(e.name for e in entries))
-    if (cfg.get("efficiency") or {}).get("enabled", True) and entries:
+    if settings.efficiency.enabled and entries:
         warm_up_process(entries[0], device)
-    max_blocks = resolve_max_blocks(cfg.get("max_blocks", "auto"), source)
+    max_blocks = resolve_max_blocks(settings.max_blocks, source)
     reports = []
     for entry in entries:
-        reports.append(evaluate_entry(entry, cfg, device, tokenizer, prepared_dir, max_blocks))
+        reports.append(evaluate_entry(entry, settings, device, tokenizer, prepared_dir, max_blocks))
         reports[-1].params["threads"] = str(threads)
         log.info("%s: %s", entry.name, {k: round(v, 4) for k, v in reports[-1].metrics.items()})
-    mlflow_cfg = cfg.get("mlflow") or {}
-    if mlflow_cfg.get("enabled", True):
-        log_reports(reports, source, mlflow_cfg)
+    if settings.mlflow.enabled:
+        log_reports(reports, source, settings.mlflow)
     table = format_table(reports)
     print(table)
-    out_dir = _output_dir(cfg)
-    if out_dir is not None:
+    if settings.output_dir:
+        out_dir = Path(settings.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval.json").write_text(json.dumps(
             {"model_path": str(source.path), "device": str(device),
@@ -647,23 +644,13 @@ def evaluate(cfg: DictConfig | Mapping[str, Any]) -> list[Report]:
     return reports
 
 
-def _output_dir(cfg: Mapping[str, Any]) -> Path | None:
-    if cfg.get("output_dir"):
-        return Path(cfg["output_dir"])
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    return None
-
-
-def evaluate_command(cfg: DictConfig | Mapping[str, Any]) -> list[Report] | dict[str, list[Report]]:
+def evaluate_command(settings: "EvaluateSettings") -> list[Report] | dict[str, list[Report]]:
     """`model_path=`: evaluate that model and its variants. `runs=`: each selected run's export in turn (eval.json
     in <output_dir>/<run name>/), going on past failures; {run label: reports}, or one LabError line at the end."""
     from lab.run_selection import for_each_model, model_config, selection_from_config
 
-    selection = selection_from_config(cfg, (cfg.get("mlflow") or {}).get("tracking_uri"))
+    selection = selection_from_config(settings, settings.mlflow.tracking_uri)
     if selection is None:
-        return evaluate(cfg)
-    out_dir = _output_dir(cfg)
-    folders = ("output_dir", "quantized_dir")
-    return for_each_model(selection, lambda run: evaluate(model_config(
-        cfg, run, folders, output_dir=str(out_dir) if out_dir else None)), "lab.evaluate")
+        return evaluate(settings)
+    return for_each_model(selection, lambda run: evaluate(model_config(settings, run, ("output_dir", "quantized_dir"))),
+                          "lab.evaluate")

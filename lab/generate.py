@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig
 
 from lab import run_or_exit
+from lab.command_settings import GenerateSettings
 from lab.sampling import run
 
 log = logging.getLogger("lab.generate")
@@ -27,9 +28,7 @@ log = logging.getLogger("lab.generate")
 
 @hydra.main(config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    from lab.settings import check_knobs
-
-    run_or_exit(lambda checked: run(check_knobs(checked, "generate")), cfg, log)
+    run_or_exit(lambda composed: run(GenerateSettings.from_config(composed)), cfg, log)
 
 
 if __name__ == "__main__":

@@ -28,13 +28,20 @@ MAX_NEW_TOKENS = 2048
 
 @dataclasses.dataclass(frozen=True)
 class GenerationSpec:
-    prompts: tuple[str, ...] = ()
-    max_new_tokens: int = 24
-    greedy: bool = True
-    sampled: bool = True
-    seed: int = 1234
-    temperature: float = 0.8
-    top_p: float = 0.95
+    """The checked `callbacks.generations` node; its defaults are in conf/callbacks/default.yaml only."""
+
+    prompts: tuple[str, ...]
+    max_new_tokens: int
+    greedy: bool
+    sampled: bool
+    seed: int
+    temperature: float
+    top_p: float
+
+    @classmethod
+    def off(cls) -> "GenerationSpec":
+        """No generations (`generations: null`); the other fields are never read."""
+        return cls(prompts=(), max_new_tokens=1, greedy=False, sampled=False, seed=0, temperature=1.0, top_p=1.0)
 
     @property
     def enabled(self) -> bool:
@@ -44,7 +51,7 @@ class GenerationSpec:
     def from_config(cls, node: Any, where: str = WHERE) -> "GenerationSpec":
         """The checked settings of a `generations:` node (None: off); one LabError line for the first bad value."""
         if node is None:
-            return cls()
+            return cls.off()
         if isinstance(node, (DictConfig, ListConfig)):
             node = OmegaConf.to_container(node, resolve=True)
         if not isinstance(node, Mapping):
@@ -71,10 +78,11 @@ class GenerationSpec:
 
         modes = []
         if self.greedy:  # plain argmax: no repetition penalty, so what the model itself prefers
-            modes.append(("greedy", Sampling(self.max_new_tokens, do_sample=False, repetition_penalty=1.0)))
-        if self.sampled:
+            modes.append(("greedy", Sampling.greedy(self.max_new_tokens)))
+        if self.sampled:  # temperature and nucleus only: top-k off, no repetition penalty
             modes.append(("sampled", Sampling(self.max_new_tokens, do_sample=True, temperature=self.temperature,
-                                              top_k=0, top_p=self.top_p, repetition_penalty=1.0)))
+                                              top_k=0, top_p=self.top_p, repetition_penalty=1.0,
+                                              num_return_sequences=1)))
         return modes
 
     def run(self, model: torch.nn.Module, tokenizer: Any) -> list[dict[str, Any]]:

@@ -35,12 +35,15 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from lab import LabError
+
+if TYPE_CHECKING:
+    from lab.command_settings import LmEval
 
 log = logging.getLogger(__name__)
 
@@ -279,45 +282,16 @@ def task_specs(names: Sequence[str], local: Mapping[str, LocalTask]) -> tuple[li
     return [dict(local[name].config) if name in local else name for name in names], manager
 
 
-@dataclass(frozen=True)
-class LmEvalOptions:
-    task_dirs: tuple[str, ...] = ()
-    num_fewshot: int | None = None
-    limit: int | None = None
-    bootstrap_iters: int = 1000
-
-    @classmethod
-    def from_config(cls, node: Mapping[str, Any] | None) -> "LmEvalOptions":
-        node = dict(node or {})
-        unknown = sorted(set(node) - {"task_dirs", "num_fewshot", "limit", "bootstrap_iters"})
-        if unknown:
-            raise LabError(f"lm_eval.{unknown[0]}: unknown option (task_dirs, num_fewshot, limit, bootstrap_iters)")
-        dirs = node.get("task_dirs") or []
-        if isinstance(dirs, (str, Path)) or not all(isinstance(d, (str, Path)) for d in dirs):
-            raise LabError(f"lm_eval.task_dirs must be a list of folders, got {dirs!r}")
-        return cls(tuple(str(d) for d in dirs), _option(node, "num_fewshot", 0, None),
-                   _option(node, "limit", 1, None), _option(node, "bootstrap_iters", 0, 1000))
-
-
-def _option(node: Mapping[str, Any], key: str, low: int, default: int | None) -> int | None:
-    value = node.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise LabError(f"lm_eval.{key}={value!r} must be a whole number >= {low} or null")
-    return value
-
-
-def check_lm_eval_tasks(cfg: Mapping[str, Any]) -> tuple[list[str], LmEvalOptions]:
-    """Everything about `lm_eval_tasks` that can be wrong before a model is loaded: names, options, task
-    folders, lm-eval installed, every name known. Cheap when it is empty."""
-    names = task_names(cfg.get("lm_eval_tasks"))
-    options = LmEvalOptions.from_config(cfg.get("lm_eval"))
+def check_lm_eval_tasks(tasks: Sequence[str], options: "LmEval") -> list[str]:
+    """Everything about lab.evaluate's `lm_eval_tasks` that can be wrong before a model is loaded: names, task
+    folders, lm-eval installed, every name known (the `lm_eval` options are typed settings already). Cheap when
+    there are none."""
+    names = task_names(tasks)
     if names:
         local = read_task_dirs(options.task_dirs)
         import_lm_eval()
         task_specs(names, local)
-    return names, options
+    return names
 
 
 @contextlib.contextmanager
@@ -332,7 +306,7 @@ def _quiet_lm_eval() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def run_lm_eval(model: nn.Module, tokenizer: Any, names: Sequence[str], options: LmEvalOptions, max_length: int,
+def run_lm_eval(model: nn.Module, tokenizer: Any, names: Sequence[str], options: "LmEval", max_length: int,
                 batch_size: int = 8, log_samples: bool = False) -> dict[str, Any]:
     """lm-eval's `simple_evaluate` result for `names` on this model (its "results", and "samples" if asked)."""
     local = read_task_dirs(options.task_dirs)
@@ -379,12 +353,11 @@ def _safe(name: str) -> str:
     return re.sub(r"[^\w.\-]", "_", name)
 
 
-def lm_eval_metrics(model: nn.Module, tokenizer: Any, cfg: Mapping[str, Any], max_length: int,
-                    batch_size: int = 8) -> dict[str, float]:
-    """lab.evaluate's hook: the metrics of cfg's `lm_eval_tasks` on this model ({} when there are none)."""
-    names = task_names(cfg.get("lm_eval_tasks"))
+def lm_eval_metrics(model: nn.Module, tokenizer: Any, tasks: Sequence[str], options: "LmEval", max_length: int,
+                    batch_size: int) -> dict[str, float]:
+    """lab.evaluate's hook: the metrics of its `lm_eval_tasks` on this model ({} when there are none)."""
+    names = task_names(tasks)
     if not names:
         return {}
-    options = LmEvalOptions.from_config(cfg.get("lm_eval"))
     result = run_lm_eval(model, tokenizer, names, options, max_length, batch_size)
     return flat_metrics(result["results"])

@@ -18,9 +18,8 @@ log = logging.getLogger("lab.prepare")
 
 
 def _main(cfg: DictConfig) -> None:
-    from lab.settings import check_knobs
-
-    run_or_exit(lambda checked: prepare(check_knobs(checked, "prepare")), cfg, log)
+    # prepare() checks every setting first (lab.data.pipeline.Settings.from_cfg): a bad one is one line, exit 1
+    run_or_exit(prepare, cfg, log)
 
 
 def main() -> None:

@@ -12,17 +12,20 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from lab import LabError
+from lab.settings import boolean, integer
 from lab.model_io import (INDEX_FILE, VARIANT_FILE, ModelSource, default_output_dir, disk_bytes, dtype_name,
                           is_quantized, load_model, load_tokenizer, quiet_transformers, read_index, resolve_device,
                           resolve_dtype, resolve_source, use_gather_embedding, use_linear_forward, weight_bytes)
 from lab.units import MB
+
+if TYPE_CHECKING:
+    from lab.command_settings import QuantizeSettings
 
 log = logging.getLogger("lab.quantize")  # the command's name: its console lines keep their prefix
 
@@ -38,11 +41,14 @@ class Variant:
     devices: tuple[str, ...]                    # device types whose kernels it targets
     min_capability: tuple[int, int] | None = None   # CUDA compute capability it needs
     dtype: torch.dtype | None = None            # float dtype its kernels need (None: the reference dtype)
-    group_size: int | None = None               # default group size (per-group schemes)
-    # can quantize the tied embedding / LM head once and share it: the weight tensor it makes implements
-    # both F.linear (head) and F.embedding (lookup) and one scale per vocabulary row
-    shares_embedding: bool = False
-    quantize_embedding: bool = False            # default of variant_options.<name>.quantize_embedding
+    # its knobs, each set in conf/quantize.yaml variant_options.<name>: group_size (per-group schemes);
+    # quantize_embedding (variants that can quantize the tied embedding / LM head once and share it: the weight
+    # tensor they make implements both F.linear (head) and F.embedding (lookup), one scale per vocabulary row)
+    knobs: tuple[str, ...] = ()
+
+    @property
+    def shares_embedding(self) -> bool:
+        return "quantize_embedding" in self.knobs
 
     def unsupported_reason(self, device: torch.device) -> str | None:
         if device.type not in self.devices:
@@ -91,22 +97,54 @@ def _float8dq(options: Mapping[str, Any], device: torch.device) -> Any:
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("int8wo", "int8 weights (per-channel scales), matmul in the float dtype", _int8wo, ("cpu", "cuda"),
-            shares_embedding=True, quantize_embedding=True),
+            knobs=("quantize_embedding",)),
     Variant("int8dq", "int8 weights and dynamically quantized int8 activations", _int8dq, ("cpu", "cuda"),
-            shares_embedding=True),
+            knobs=("quantize_embedding",)),
     Variant("intx4wo", "int4 weights in groups (stored unpacked, one int8 per value)", _intx4wo, ("cpu",),
-            group_size=32),
+            knobs=("group_size",)),
     Variant("int4wo", "int4 weights in groups, packed for the tinygemm kernel", _int4wo, ("cuda",),
-            dtype=torch.bfloat16, group_size=128),
+            dtype=torch.bfloat16, knobs=("group_size",)),
     Variant("float8dq", "float8 e4m3 weights and activations (per-row scales)", _float8dq, ("cuda",),
             min_capability=(8, 9), dtype=torch.bfloat16),
 )}
 
 
-def variant_options(variant: Variant, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The variant's knobs: its defaults (group_size, quantize_embedding) with `overrides` on top."""
-    return {"group_size": variant.group_size, "quantize_embedding": variant.quantize_embedding,
-            **dict(overrides or {})}
+_KNOB_CHECKS = {"group_size": integer(1), "quantize_embedding": boolean}
+
+
+def check_variant_options(node: Any, key: str = "variant_options") -> dict[str, dict[str, Any]]:
+    """conf/quantize.yaml `variant_options`: {variant: {knob: value}} with every knob of every variant that has one
+    (Variant.knobs) stated and checked; an unknown variant or knob is refused."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    if not isinstance(node, Mapping):
+        raise LabError(f"{key}={node!r} must be a mapping {{variant: {{knob: value}}}}")
+    unknown = sorted(set(map(str, node)) - set(VARIANTS))
+    if unknown:
+        raise LabError(f"{key}.{unknown[0]}: not a variant; known: {', '.join(VARIANTS)}")
+    options: dict[str, dict[str, Any]] = {}
+    for name, variant in VARIANTS.items():
+        given = node.get(name) or {}
+        if not isinstance(given, Mapping):
+            raise LabError(f"{key}.{name}={given!r} must be a mapping of the variant's knobs {list(variant.knobs)}")
+        for knob in given:
+            if knob not in variant.knobs:
+                if knob == "quantize_embedding":
+                    raise _no_embedding_sharing(variant)
+                raise LabError(f"{key}.{name}.{knob}: not a knob of {name} (its knobs: {list(variant.knobs) or 'none'})")
+        missing = [knob for knob in variant.knobs if knob not in given]
+        if missing:
+            raise LabError(f"{key}.{name}.{missing[0]} is missing from the config (it has no default in code; "
+                           "restore it in conf/quantize.yaml)")
+        options[name] = {knob: _KNOB_CHECKS[knob](given[knob], f"{key}.{name}.{knob}") for knob in variant.knobs}
+    return options
+
+
+def _no_embedding_sharing(variant: Variant) -> LabError:
+    sharing = ", ".join(name for name, v in VARIANTS.items() if v.shares_embedding)
+    return LabError(f"variant {variant.name}: quantize_embedding=true is supported for {sharing} only "
+                    f"(their weight tensor serves both the embedding lookup and the LM head)")
 
 
 def supported_variants(device: torch.device) -> list[str]:
@@ -141,7 +179,9 @@ def lab_quant_types() -> frozenset[str]:
 
     names: set[str] = set()
     for variant in VARIANTS.values():
-        config = variant.make_config(variant_options(variant), torch.device(variant.devices[0]))
+        # any valid knob values: only the class names the config serializes into matter here
+        probe = {knob: {"group_size": 128, "quantize_embedding": False}[knob] for knob in variant.knobs}
+        config = variant.make_config(probe, torch.device(variant.devices[0]))
         names |= _serialized_types(TorchAoConfig(config).to_dict())
     return frozenset(names)
 
@@ -219,15 +259,16 @@ def quantize_model(model: nn.Module, variant: Variant, options: Mapping[str, Any
     Returns (torchao config, {layer kept float: reason})."""
     from torchao.quantization import quantize_
 
+    unknown = set(options) - set(variant.knobs)
+    if unknown:
+        if "quantize_embedding" in unknown:
+            raise _no_embedding_sharing(variant)
+        raise LabError(f"variant {variant.name}: unknown option(s) {sorted(unknown)} (its knobs: {list(variant.knobs)})")
+    # a knob the variant does not have is off: float8dq and int4wo never quantize the embedding
     quantize_embedding = bool(options.get("quantize_embedding", False))
-    if quantize_embedding and not variant.shares_embedding:
-        sharing = ", ".join(name for name, v in VARIANTS.items() if v.shares_embedding)
-        raise LabError(f"variant {variant.name}: quantize_embedding=true is supported for {sharing} only "
-                       f"(their weight tensor serves both the embedding lookup and the LM head)")
     config = variant.make_config(options, device)
     tied = tied_embedding(model)
-    keep_float = layers_to_keep_float(model, options.get("group_size") if variant.group_size else None,
-                                      quantize_embedding)
+    keep_float = layers_to_keep_float(model, options.get("group_size"), quantize_embedding)
     quantize_(model, config, filter_fn=lambda module, name: isinstance(module, nn.Linear) and name not in keep_float)
     if quantize_embedding and tied is not None and tied[1] not in keep_float:
         if not share_quantized_embedding(model, tied):
@@ -348,16 +389,16 @@ def quantize_variant(variant: Variant, reference_dir: Path, out_dir: Path, sourc
                          dict(keep_float), repr(config), diff, time.perf_counter() - start, embedding)
 
 
-def quantize(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+def quantize(settings: "QuantizeSettings") -> dict[str, Any]:
     """Write the float reference and each variant; returns (and writes) the quantize.json index."""
     quiet_transformers()
-    source = resolve_source(cfg.get("model_path"))
-    device = resolve_device(cfg.get("device"))
-    reference_dtype = resolve_dtype(cfg.get("dtype"), device)
-    variants = resolve_variants(cfg.get("variants"), device)
-    out_root = Path(cfg["output_dir"]).resolve() if cfg.get("output_dir") else default_output_dir(source)
+    source = resolve_source(settings.model_path)
+    device = resolve_device(settings.device)
+    reference_dtype = resolve_dtype(settings.dtype, device)
+    variants = resolve_variants(settings.variants, device)
+    out_root = Path(settings.output_dir).resolve() if settings.output_dir else default_output_dir(source)
     out_root.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(source, cfg.get("tokenizer_path"))
+    tokenizer = load_tokenizer(source, settings.tokenizer_path)
 
     model, _ = load_model(source, "cpu", reference_dtype)
     reference_name = dtype_name(reference_dtype)
@@ -379,11 +420,9 @@ def quantize(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
                 index["variants"][name] = item
     log.info("quantizing %s (%s) on %s into %s: %s", source.path, source.kind, device, out_root,
              ", ".join(v.name for v in variants))
-    options_cfg = cfg.get("variant_options") or {}
     for variant in variants:
-        options = variant_options(variant, options_cfg.get(variant.name))
         result = quantize_variant(variant, reference_dir, out_root / variant.name, source, tokenizer, device,
-                                  options, reference_dtype)
+                                  settings.variant_options[variant.name], reference_dtype)
         index["variants"][variant.name] = result.to_json()
     del model
     (out_root / INDEX_FILE).write_text(json.dumps(index, indent=1))
@@ -404,13 +443,13 @@ def format_index(index: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def quantize_command(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+def quantize_command(settings: "QuantizeSettings") -> dict[str, Any]:
     """`model_path=`: quantize that model (its quantize.json index). `runs=`: quantize every selected run's
     export, going on past failures; {run label: index}, or one LabError line naming the runs that failed."""
     from lab.run_selection import for_each_model, model_config, selection_from_config
 
-    selection = selection_from_config(cfg)
+    selection = selection_from_config(settings)
     if selection is None:
-        return quantize(cfg)
-    return for_each_model(selection, lambda run: quantize(model_config(cfg, run, folders=("output_dir",))),
+        return quantize(settings)
+    return for_each_model(selection, lambda run: quantize(model_config(settings, run, folders=("output_dir",))),
                           "lab.quantize")

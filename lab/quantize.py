@@ -54,6 +54,7 @@ import hydra
 from omegaconf import DictConfig
 
 from lab import run_or_exit
+from lab.command_settings import QuantizeSettings
 from lab.quantization import quantize_command
 
 log = logging.getLogger("lab.quantize")
@@ -61,9 +62,7 @@ log = logging.getLogger("lab.quantize")
 
 @hydra.main(config_path="../conf", config_name="quantize")
 def main(cfg: DictConfig) -> None:
-    from lab.settings import check_knobs
-
-    run_or_exit(lambda checked: quantize_command(check_knobs(checked, "quantize")), cfg, log)
+    run_or_exit(lambda composed: quantize_command(QuantizeSettings.from_config(composed)), cfg, log)
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def sample_generations(data: Sequence["RunData"], prompts: Sequence[str], max_ne
 
     if not prompts:
         return [Block("text", "No prompts configured (study.prompts).")]
-    sampling = Sampling(max_new_tokens=max_new_tokens, do_sample=False)
+    sampling = Sampling.greedy(max_new_tokens)
     rows = []
     for arch, items in by_arch(data).items():
         folder = Path(items[0].run.data.tags.get("run_dir", "")) / "hf"
@@ -163,7 +163,8 @@ def sample_generations(data: Sequence["RunData"], prompts: Sequence[str], max_ne
             rows.append([arch, "", f"(no generations: {err})"])
             continue
         rows += [[arch, prompt, texts[0].strip()] for prompt, texts in zip(prompts, continuations)]
-    text = f"Greedy, {max_new_tokens} new tokens, from the float export of each arch's first run."
+    text = (f"Greedy (argmax, no repetition penalty), {max_new_tokens} new tokens, from the float export of each "
+            "arch's first run.")
     return [Block("text", text), Block("table", header=["arch", "prompt", "continuation"], rows=rows)]
 
 

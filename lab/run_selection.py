@@ -25,19 +25,24 @@ listing every run that failed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 from lab import LabError, error_line, log_to_files
 
+if TYPE_CHECKING:
+    from lab.command_settings import RunSelectionSettings
+
 log = logging.getLogger("lab.run_selection")
 
 T = TypeVar("T")
+S = TypeVar("S", bound="RunSelectionSettings")
 RUNS_FORM = "runs=experiment:<name>"
 _EXPERIMENT_PREFIX = "experiment:"
 
@@ -195,30 +200,24 @@ def check_export(folder: Path) -> None:
         raise LabError(f"model folder {folder}: no weight file (*.safetensors / *.bin)")
 
 
-def selection_from_config(cfg: Mapping[str, Any], uri: str | None = None) -> RunSelection | None:
-    """None when `cfg` names one model (`model_path`); the runs it selects when it has `runs=`. Both: refused."""
-    query = parse_runs(cfg.get("runs"), cfg.get("run_tags"), cfg.get("run_latest", True))
+def selection_from_config(settings: "RunSelectionSettings", uri: str | None = None) -> RunSelection | None:
+    """None when the settings name one model (`model_path`); the runs they select with `runs=`. Both: refused."""
+    query = parse_runs(settings.runs, settings.run_tags, settings.run_latest)
     if query is None:
-        if cfg.get("model_path") in (None, "", "???"):
+        if settings.model_path is None:
             raise LabError("model_path is required: an HF export folder (e.g. outputs/<run>/<time>/hf) or a lab.train "
                            f"checkpoint (.../checkpoints/last.ckpt); or select trained runs with {RUNS_FORM}")
         return None
-    if cfg.get("model_path") not in (None, "", "???"):
-        raise LabError(f"give model_path= or runs=, not both (model_path={cfg.get('model_path')}, "
-                       f"runs={cfg.get('runs')})")
+    if settings.model_path is not None:
+        raise LabError(f"give model_path= or runs=, not both (model_path={settings.model_path}, runs={settings.runs})")
     return select_runs(query, uri)
 
 
-def model_config(cfg: Mapping[str, Any], run: SelectedRun, folders: Iterable[str] = (),
-                 **values: Any) -> dict[str, Any]:
-    """`cfg` (with `values` set) for one selected run: model_path = its export, no runs=, and each set `folders`
-    key given the run's own subfolder (so that the runs' outputs do not overwrite each other)."""
-    plain = _plain(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
-    plain = {**plain, **values, "model_path": str(run.model_path), "runs": None, "run_tags": None}
-    for key in folders:
-        if plain.get(key):
-            plain[key] = str(Path(plain[key]) / run.label)
-    return plain
+def model_config(settings: S, run: SelectedRun, folders: Iterable[str] = ()) -> S:
+    """The settings for one selected run: model_path = its export, no runs=, and each set `folders` setting given
+    the run's own subfolder (so that the runs' outputs do not overwrite each other)."""
+    own = {key: str(Path(getattr(settings, key)) / run.label) for key in folders if getattr(settings, key)}
+    return dataclasses.replace(settings, model_path=str(run.model_path), runs=None, run_tags=None, **own)
 
 
 def for_each_model(selection: RunSelection, job: Callable[[SelectedRun], T], command: str) -> dict[str, T]:

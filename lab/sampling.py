@@ -6,27 +6,32 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lab import LabError
 from lab.model_io import load_model, load_tokenizer, quiet_transformers, resolve_device, resolve_dtype, resolve_source
+
+if TYPE_CHECKING:
+    from lab.command_settings import GenerateSettings
 
 log = logging.getLogger("lab.generate")  # the command's name: its console lines keep their prefix
 
 
 @dataclass(frozen=True)
 class Sampling:
-    max_new_tokens: int = 64
-    do_sample: bool = True
-    temperature: float = 0.8
-    top_k: int = 50
-    top_p: float = 0.95
-    repetition_penalty: float = 1.1
-    num_return_sequences: int = 1
+    """Decoding settings; their defaults are lab.generate's, in conf/generate.yaml."""
+
+    max_new_tokens: int
+    do_sample: bool                 # false: greedy (the sampling knobs are then unused)
+    temperature: float
+    top_k: int                      # 0: off
+    top_p: float                    # 1.0: off
+    repetition_penalty: float       # 1.0: off
+    num_return_sequences: int
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -53,14 +58,21 @@ class Sampling:
         return kwargs
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "Sampling":
-        fields = cls.__dataclass_fields__
-        values = {key: cfg[key] for key in fields if cfg.get(key) is not None}
-        try:
-            typed = {key: type(fields[key].default)(value) for key, value in values.items()}
-        except (TypeError, ValueError) as err:
-            raise LabError(f"bad generation setting: {err}") from None
-        return cls(**typed)
+    def greedy(cls, max_new_tokens: int) -> "Sampling":
+        """Plain argmax decoding, no repetition penalty: what the model itself prefers."""
+        return cls(max_new_tokens, False, 1.0, 0, 1.0, 1.0, 1)
+
+    @classmethod
+    def from_config(cls, cfg: Any, prefix: str = "") -> "Sampling":
+        """The decoding keys of a config node (lab.generate's root), each present and of its type; the ranges are
+        checked by __post_init__, with messages that say what each value does."""
+        from lab.settings import boolean, integer, number, required
+
+        at = f"{prefix}." if prefix else ""
+        checks = {"max_new_tokens": integer(), "do_sample": boolean, "temperature": number(), "top_k": integer(),
+                  "top_p": number(), "repetition_penalty": number(), "num_return_sequences": integer()}
+        node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+        return cls(**{key: check(required(node, at + key), at + key) for key, check in checks.items()})
 
 
 def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
@@ -114,15 +126,15 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], sampling:
             for _, new in generate_ids(model, tokenizer, prompts, sampling, seed, prepend_eos)]
 
 
-def run(cfg: DictConfig | Mapping[str, Any]) -> list[list[str]]:
+def run(settings: "GenerateSettings") -> list[list[str]]:
+    """lab.generate: continuations of the prompt(s), printed; settings from lab.command_settings."""
     quiet_transformers()
-    sampling = Sampling.from_config(cfg)
-    prompts = read_prompts(cfg.get("prompt"), cfg.get("prompt_file"))
-    source = resolve_source(cfg.get("model_path"))
-    device = resolve_device(cfg.get("device"))
-    model, _ = load_model(source, device, resolve_dtype(cfg.get("dtype"), device))  # variants keep their dtypes
-    tokenizer = load_tokenizer(source, cfg.get("tokenizer_path"))
-    results = generate(model, tokenizer, prompts, sampling, int(cfg.get("seed", 0)), bool(cfg.get("prepend_eos", True)))
+    prompts = read_prompts(settings.prompt, settings.prompt_file)
+    source = resolve_source(settings.model_path)
+    device = resolve_device(settings.device)
+    model, _ = load_model(source, device, resolve_dtype(settings.dtype, device))  # variants keep their dtypes
+    tokenizer = load_tokenizer(source, settings.tokenizer_path)
+    results = generate(model, tokenizer, prompts, settings.sampling, settings.seed, settings.prepend_eos)
     for prompt, continuations in zip(prompts, results):
         for number, text in enumerate(continuations):
             tag = f" [{number + 1}]" if len(continuations) > 1 else ""

@@ -87,6 +87,27 @@ def text(value: Any, key: str) -> str:
     return value
 
 
+def list_of(check: Check, *, allow_empty: bool = True) -> Check:
+    """A list whose every item passes `check` (items named key[i] in messages); returned as a tuple."""
+    def check_list(value: Any, key: str) -> tuple[Any, ...]:
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
+            raise _bad(key, value, "a list, e.g. [a, b]")
+        if not value and not allow_empty:
+            raise _bad(key, value, "a non-empty list")
+        return tuple(check(item, f"{key}[{i}]") for i, item in enumerate(value))
+    return check_list
+
+
+def text_map(value: Any, key: str) -> dict[str, str]:
+    """A mapping of names to scalar values, as strings (MLflow tags)."""
+    if not isinstance(value, Mapping):
+        raise _bad(key, value, "a mapping {name: value}")
+    for name, item in value.items():
+        if isinstance(item, (Mapping, list, tuple)) or item is None:
+            raise _bad(f"{key}.{name}", item, "a plain value (text or number)")
+    return {str(name): str(item) for name, item in value.items()}
+
+
 def optional(check: Check) -> Check:
     return lambda value, key: None if value is None else check(value, key)
 
@@ -138,10 +159,12 @@ class Node:
         if isinstance(node, (DictConfig, ListConfig)):
             node = OmegaConf.to_container(node, resolve=True)
         if not isinstance(node, Mapping):
-            raise LabError(f"{prefix} must be a mapping of settings, not {node!r}")
+            raise LabError(f"{prefix or 'the config'} must be a mapping of settings, not {node!r}")
         values = {}
         for f in dataclasses.fields(cls):
-            key = f"{prefix}.{f.name}"
+            if f.metadata.get("derived"):  # built from other keys by the class's from_config
+                continue
+            key = f"{prefix}.{f.name}" if prefix else f.name  # prefix "": the command's root node
             if f.name not in node:
                 raise LabError(f"{key} is missing from the config (it has no default in code; restore it in conf/)")
             check = f.metadata.get("check")
@@ -264,34 +287,3 @@ def check_export_callbacks(cfg: DictConfig) -> None:
     if register and not boolean(required(cfg, "train.export_hf"), "train.export_hf"):
         raise LabError("callbacks.register_model=true registers the final hf/ export, but train.export_hf=false "
                        "writes none; set train.export_hf=true or callbacks.register_model=false")
-
-
-# -- the other commands' key numeric knobs (checked where present; null keeps the command's own handling) --------
-
-_AUTO_OR_POSITIVE = integer(1, allow=("auto",))
-COMMAND_KNOBS: dict[str, dict[str, Check]] = {
-    # types only: lab.generate's Sampling checks the ranges, with messages that say what each value does
-    "generate": {"max_new_tokens": integer(), "temperature": number(), "top_k": integer(), "top_p": number(),
-                 "repetition_penalty": number(), "num_return_sequences": integer(), "seed": integer(0),
-                 "do_sample": boolean, "prepend_eos": boolean},
-    "evaluate": {"batch_size": integer(1), "seed": integer(0), "threads": integer(1), "max_blocks": _AUTO_OR_POSITIVE,
-                 "text_max_length": integer(2), "stride": integer(1), "efficiency.decode_prompt_length": integer(1),
-                 "efficiency.decode_tokens": integer(1), "efficiency.repeats": integer(1),
-                 "efficiency.warmup": integer(0), "bench.max_ppl_increase": number(0),
-                 "bench.min_decode_speedup": number(0, low_open=True),
-                 "bench.max_weight_memory_ratio": number(0, low_open=True)},
-    "quantize": {"variant_options.intx4wo.group_size": integer(1), "variant_options.int4wo.group_size": integer(1)},
-    "prepare": {"data.seq_len": integer(2), "tokenizer.vocab_size": integer(2), "prepare.workers": integer(1),
-                "prepare.batch_mb": number(0, low_open=True), "prepare.max_pending": integer(1),
-                "prepare.max_doc_mb": number(0, low_open=True)},
-}
-
-
-def check_knobs(cfg: Any, command: str) -> Any:
-    """Check `command`'s knobs of COMMAND_KNOBS in `cfg` (one LabError line for the first bad one); returns cfg,
-    so an entry point can wrap its job: run_or_exit(lambda c: job(check_knobs(c, "generate")), cfg, log)."""
-    for key, check in COMMAND_KNOBS[command].items():
-        value = OmegaConf.select(cfg, key, default=None) if isinstance(cfg, DictConfig) else cfg.get(key)
-        if value is not None:
-            check(value, key)
-    return cfg

@@ -352,13 +352,13 @@ def end_abandoned_attempts(finished: Any, uri: str) -> None:
 
 def quantize_run(plan: Plan, job: Job, outcome: Outcome) -> list[str]:
     """Quantize one run's export (unless done); returns the variants there are to evaluate."""
-    from lab.compose import compose_config
+    from lab.command_settings import settings_for
     from lab.model_io import default_output_dir, read_index, resolve_device, resolve_source
     from lab.quantization import VARIANTS, quantize, supported_variants
 
     hf = Path(job.run.data.tags.get("run_dir", "")) / "hf"
     source = resolve_source(hf)  # a missing or damaged export is one LabError line
-    device = resolve_device(str(plan.cfg.study.get("device", "auto")))
+    device = resolve_device(str(plan.cfg.study.device))
     asked = [str(v) for v in _as_list(plan.cfg.study.variants)]
     wanted = supported_variants(device) if asked in ([], ["auto"]) else asked
     for name in list(wanted):
@@ -376,7 +376,7 @@ def quantize_run(plan: Plan, job: Job, outcome: Outcome) -> list[str]:
         return wanted
     overrides = [f"model_path={hf}", f"variants=[{','.join(wanted)}]", f"device={device.type}",
                  *[str(o) for o in plan.cfg.study.quantize]]
-    quantize(compose_config("quantize", overrides))
+    quantize(settings_for("quantize", overrides))
     outcome.quantize = "done"
     return wanted
 
@@ -384,7 +384,7 @@ def quantize_run(plan: Plan, job: Job, outcome: Outcome) -> list[str]:
 def evaluate_run(plan: Plan, job: Job, variants: list[str], outcome: Outcome) -> None:
     from mlflow.tracking import MlflowClient
 
-    from lab.compose import compose_config
+    from lab.command_settings import settings_for
     from lab.evaluation import evaluate
     from lab.tracking import tracking_uri
 
@@ -400,7 +400,7 @@ def evaluate_run(plan: Plan, job: Job, variants: list[str], outcome: Outcome) ->
     out.mkdir(parents=True, exist_ok=True)
     overrides = [f"model_path={hf}", "variants=auto", f"+mlflow.tags.{EVAL_TAG}={fingerprint}", f"output_dir={out}",
                  *[str(o) for o in plan.cfg.study.evaluate]]
-    evaluate(compose_config("evaluate", overrides))
+    evaluate(settings_for("evaluate", overrides))
     outcome.evaluate = "done"
 
 

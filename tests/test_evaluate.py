@@ -17,6 +17,7 @@ from lab import PROJECT_ROOT, LabError
 from lab.evaluation import (PeakMemory, check_tokenizer, evaluate, format_table, heldout_perplexity,
                           sliding_window_nll, variant_entries)
 from lab.model_io import load_model, load_tokenizer, resolve_source
+from lab.command_settings import settings_for
 from lab.quantization import quantize
 from lab.tasks import MCItem, load_task, score_task
 from lab.tracking import tracking_uri
@@ -38,20 +39,17 @@ def shared_mlflow(module_store, monkeypatch) -> str:
     return module_store
 
 
-def eval_config(model_path: Path, tmp_path: Path, **overrides) -> dict:
-    """Settings small enough for a test: few blocks, a short text and task, a couple of short timings."""
+def eval_config(model_path: Path, tmp_path: Path, **values):
+    """conf/evaluate.yaml shrunk for a test: few blocks, a short text and task, a couple of short timings."""
     text = tmp_path / "poveste.txt"
     text.write_text(" ".join(RO_TEXT[8:10]), encoding="utf-8")
     task = tmp_path / "ro_mc_mini.jsonl"
     task.write_text("".join(TASK_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:6]), encoding="utf-8")
-    cfg = {"model_path": str(model_path), "variants": "auto", "device": "cpu", "dtype": "auto", "seed": 0,
-           "prepared_dir": "auto", "max_blocks": 4, "batch_size": 8, "texts": [str(text)], "text_max_length": 32,
-           "stride": 16, "tasks": [str(task)], "output_dir": str(tmp_path / "out"),
-           "efficiency": {"enabled": True, "prompt_lengths": [8, 128], "decode_prompt_length": 8,
-                          "decode_tokens": 4, "batch_sizes": [1, 2], "repeats": 1, "warmup": 0, "compile": False},
-           "mlflow": {"enabled": True, "tracking_uri": None, "experiment_name": None, "eval_of": "auto"}}
-    cfg.update(overrides)
-    return cfg
+    small = {"model_path": str(model_path), "device": "cpu", "max_blocks": 4, "texts": [str(text)],
+             "text_max_length": 32, "stride": 16, "tasks": [str(task)], "output_dir": str(tmp_path / "out"),
+             "efficiency": {"prompt_lengths": [8, 128], "decode_prompt_length": 8, "decode_tokens": 4,
+                            "batch_sizes": [1, 2], "repeats": 1, "warmup": 0, "compile": False}}
+    return settings_for("evaluate", **OmegaConf.merge(small, values))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -61,8 +59,8 @@ def test_quantize_then_evaluate_every_arch(tiny_runs, arch, tmp_path, capsys, sh
 
     run_dir = tiny_runs[arch]
     train_id = register_training_run(run_dir, arch)
-    quantize({"model_path": str(run_dir / "hf"), "variants": ["int8wo"], "device": "cpu",
-              "output_dir": str(tmp_path / "q")})
+    quantize(settings_for("quantize", model_path=str(run_dir / "hf"), variants=["int8wo"], device="cpu",
+                          output_dir=str(tmp_path / "q")))
     reports = evaluate(eval_config(run_dir / "hf", tmp_path, quantized_dir=str(tmp_path / "q")))
     assert [r.name for r in reports] == ["fp32", "int8wo"]
     fp32, int8 = (r.metrics for r in reports)
@@ -228,9 +226,8 @@ def test_missing_variants_and_data_are_clear_errors(tiny_runs, tmp_path):
 
 def test_evaluate_a_checkpoint_without_mlflow_or_data(tiny_runs, tmp_path):
     cfg = eval_config(tiny_runs["llama_gqa"] / "checkpoints" / "last.ckpt", tmp_path, prepared_dir=None, texts=[],
-                      tasks=[], quantized_dir=str(tmp_path / "none"), mlflow={"enabled": False})
-    cfg["efficiency"]["batch_sizes"] = [1]
-    cfg["threads"] = 1
+                      tasks=[], quantized_dir=str(tmp_path / "none"), mlflow={"enabled": False}, threads=1,
+                      efficiency={"batch_sizes": [1]})
     threads = torch.get_num_threads()
     try:
         (report,) = evaluate(cfg)
@@ -289,12 +286,10 @@ def test_bench_eval_on_cpu_checks_perplexity_and_memory_and_defers_speed(tiny_ru
     from lab.bench_eval import bench
 
     run_dir = tiny_runs["llama_gqa"]
-    cfg = OmegaConf.create(eval_config(run_dir / "hf", tmp_path, quantized_dir=str(tmp_path / "q"), tasks=[],
-                                       mlflow={"enabled": False}))
-    cfg.bench = {"variant": "int8wo", "max_ppl_increase": 0.01, "min_decode_speedup": 1.3,
-                 "max_weight_memory_ratio": 0.55}
-    cfg.efficiency.batch_sizes = [1]
-    summary = bench(cfg)
+    settings = eval_config(run_dir / "hf", tmp_path, quantized_dir=str(tmp_path / "q"), tasks=[],
+                           mlflow={"enabled": False}, efficiency={"batch_sizes": [1]})
+    assert settings.bench.variant == "int8wo"  # the shipped benchmark
+    summary = bench(settings)
     verdicts = {c["name"]: c for c in summary["criteria"]}
     assert verdicts["ppl_increase"]["passed"] is True and abs(verdicts["ppl_increase"]["value"]) < 0.01
     assert verdicts["decode_speedup_bs1"]["passed"] is None  # a CUDA criterion: not measured here
@@ -309,11 +304,10 @@ def test_bench_eval_on_cpu_checks_perplexity_and_memory_and_defers_speed(tiny_ru
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_evaluate_on_cuda_with_compile(tiny_runs, tmp_path):
     run_dir = tiny_runs["llama_gqa"]
-    quantize({"model_path": str(run_dir / "hf"), "variants": ["int8wo"], "device": "cuda",
-              "output_dir": str(tmp_path / "q")})
+    quantize(settings_for("quantize", model_path=str(run_dir / "hf"), variants=["int8wo"], device="cuda",
+                          output_dir=str(tmp_path / "q")))
     cfg = eval_config(run_dir / "hf", tmp_path, device="cuda", quantized_dir=str(tmp_path / "q"),
-                      mlflow={"enabled": False})
-    cfg["efficiency"].update(compile=True, warmup=1, repeats=2)
+                      mlflow={"enabled": False}, efficiency={"compile": True, "warmup": 1, "repeats": 2})
     reports = evaluate(cfg)
     assert [r.name for r in reports] == ["bf16", "int8wo"]
     for report in reports:

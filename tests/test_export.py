@@ -221,14 +221,14 @@ def hf_model_and_tokenizer(folder: Path):
 
 def test_generation_restores_mode_and_rng_and_is_seeded(trained):
     model, tokenizer = hf_model_and_tokenizer(trained["hf"])
-    spec = GenerationSpec(prompts=("Era odată",), max_new_tokens=5)
+    spec = generation_spec(prompts=["Era odată"], max_new_tokens=5)
     model.train()
     state = torch.get_rng_state()
     first = spec.run(model, tokenizer)
     assert model.training and torch.equal(torch.get_rng_state(), state)
     torch.manual_seed(999)  # another global state: the seeded texts do not depend on it
     assert spec.run(model, tokenizer) == first
-    other = GenerationSpec(prompts=("Era odată",), max_new_tokens=5, seed=7, temperature=5.0).run(model, tokenizer)
+    other = generation_spec(prompts=["Era odată"], max_new_tokens=5, seed=7, temperature=5.0).run(model, tokenizer)
     assert other[0]["greedy"] == first[0]["greedy"] and other[0]["sampled"] != first[0]["sampled"]
 
 
@@ -236,7 +236,7 @@ def test_odd_prompts_generate_and_render(trained):
     model, tokenizer = hf_model_and_tokenizer(trained["hf"])
     long_prompt = "Era odată un împărat care avea trei fete. " * 40  # far beyond the 64-token window
     prompts = ("", "ș ş s\u0326 s\u0327 ț ţ", "```\n## not a heading\n````", long_prompt, "🙂\u200b\ufeffx")
-    spec = GenerationSpec(prompts=prompts, max_new_tokens=4)
+    spec = generation_spec(prompts=list(prompts), max_new_tokens=4)
     results = spec.run(model, tokenizer)
     assert not any("error" in r for r in results)
     assert [r["cut"] for r in results] == [False, False, False, True, False]
@@ -255,7 +255,7 @@ def test_generation_failure_is_recorded_not_raised(trained):
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(float("nan"))  # sampling from NaN probabilities fails inside generate
-    spec = GenerationSpec(prompts=("Era odată",), max_new_tokens=3, greedy=False)
+    spec = generation_spec(prompts=["Era odată"], max_new_tokens=3, greedy=False)
     results = spec.run(model, tokenizer)
     assert "error" in results[0] and "Generation failed" in spec.markdown(results, "x")
 
@@ -266,6 +266,11 @@ def generations_node(**changes):
     node = dict(compose_config("train", ["debug=fast"]).callbacks.generations)
     node["prompts"] = list(node["prompts"])
     return {**node, **changes}
+
+
+def generation_spec(**changes) -> GenerationSpec:
+    """The shipped `callbacks.generations` settings with `changes`, checked as training checks them."""
+    return GenerationSpec.from_config(generations_node(**changes))
 
 
 def test_default_generations_settings_are_valid():

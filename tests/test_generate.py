@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -11,11 +12,17 @@ import torch
 from lab import PROJECT_ROOT, LabError
 from lab.sampling import Sampling, generate, generate_ids, read_prompts, run
 from lab.model_io import load_model, load_tokenizer
+from lab.command_settings import settings_for
 from lab.quantization import quantize
 from tests.conftest import ARCHS
 from tests.test_quantize import tiny_runs  # noqa: F401 (fixture)
 
-GREEDY = Sampling(max_new_tokens=6, do_sample=False, repetition_penalty=1.0)
+GREEDY = Sampling.greedy(6)
+
+
+def shipped(**changes) -> Sampling:
+    """conf/generate.yaml's decoding settings with `changes` (checked again, as the dataclass is rebuilt)."""
+    return dataclasses.replace(settings_for("generate", model_path="unused").sampling, **changes)
 
 
 def manual_greedy(model, ids: list[int], steps: int) -> list[int]:
@@ -44,14 +51,15 @@ def test_sampling_is_reproducible_by_seed_and_varies_across_seeds(tiny_runs):
     model, source = load_model(tiny_runs["mistral_swa"] / "hf")
     tokenizer = load_tokenizer(source)
     # temperature 2 on a random model: nearly uniform over the vocabulary
-    hot = Sampling(max_new_tokens=12, temperature=2.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+    hot = Sampling(max_new_tokens=12, do_sample=True, temperature=2.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                    num_return_sequences=2)
     first = generate(model, tokenizer, ["Astăzi", "Mâine"], hot, seed=3)
     assert first == generate(model, tokenizer, ["Astăzi", "Mâine"], hot, seed=3)
     assert first != generate(model, tokenizer, ["Astăzi", "Mâine"], hot, seed=4)
     assert len(first) == 2 and all(len(samples) == 2 for samples in first)
     # top_k=1 leaves one candidate: sampling collapses to greedy
-    narrow = Sampling(max_new_tokens=6, temperature=1.0, top_k=1, top_p=1.0, repetition_penalty=1.0)
+    narrow = Sampling(max_new_tokens=6, do_sample=True, temperature=1.0, top_k=1, top_p=1.0, repetition_penalty=1.0,
+                      num_return_sequences=1)
     assert generate(model, tokenizer, ["Astăzi"], narrow, seed=5) == generate(model, tokenizer, ["Astăzi"], GREEDY)
 
 
@@ -60,38 +68,40 @@ def test_long_prompts_are_fitted_to_the_positions(tiny_runs):
     tokenizer = load_tokenizer(source)
     long_prompt = "Era odată un împărat bătrân care avea trei fii și o grădină plină de meri. " * 6
     assert len(tokenizer(long_prompt)["input_ids"]) > 64
-    ((prompt_ids, new),) = generate_ids(model, tokenizer, [long_prompt], Sampling(max_new_tokens=100, do_sample=False))
+    ((prompt_ids, new),) = generate_ids(model, tokenizer, [long_prompt], Sampling.greedy(100))
     # 64 positions: half for new tokens, the other half for the prompt's last tokens
     assert new.shape == (1, 32) and len(prompt_ids) == 32
     assert prompt_ids == tokenizer(long_prompt)["input_ids"][-32:]
-    ((prompt_ids, new),) = generate_ids(model, tokenizer, ["Da"], Sampling(max_new_tokens=100, do_sample=False))
+    ((prompt_ids, new),) = generate_ids(model, tokenizer, ["Da"], Sampling.greedy(100))
     assert len(prompt_ids) + new.shape[1] == 64  # a short prompt gets all the room left
 
 
 def test_quantized_variants_and_checkpoints_generate(tiny_runs, tmp_path):
     run_dir = tiny_runs["falcon_mqa"]
-    quantize({"model_path": str(run_dir / "hf"), "variants": ["int8wo"], "device": "cpu",
-              "output_dir": str(tmp_path / "q")})
+    quantize(settings_for("quantize", model_path=str(run_dir / "hf"), variants=["int8wo"], device="cpu",
+                          output_dir=str(tmp_path / "q")))
     base = {"prompt": "Primăvara", "max_new_tokens": 5, "do_sample": False, "repetition_penalty": 1.0,
             "device": "cpu", "seed": 0}
-    from_variant = run({**base, "model_path": str(tmp_path / "q" / "int8wo")})
-    from_ckpt = run({**base, "model_path": str(run_dir / "checkpoints" / "last.ckpt")})
-    from_hf = run({**base, "model_path": str(run_dir / "hf")})
+    from_variant = run(settings_for("generate", **base, model_path=str(tmp_path / "q" / "int8wo")))
+    from_ckpt = run(settings_for("generate", **base, model_path=str(run_dir / "checkpoints" / "last.ckpt")))
+    from_hf = run(settings_for("generate", **base, model_path=str(run_dir / "hf")))
     assert from_ckpt == from_hf and len(from_variant) == 1 and len(from_variant[0]) == 1
 
 
 def test_bad_settings_and_inputs_are_clear_errors(tmp_path):
     with pytest.raises(LabError, match="temperature=0.0 must be > 0 when sampling"):
-        Sampling(temperature=0.0)
+        shipped(temperature=0.0)
     with pytest.raises(LabError, match=r"top_p=1.5 must be in \(0, 1\]"):
-        Sampling(top_p=1.5)
+        shipped(top_p=1.5)
     with pytest.raises(LabError, match="top_k=-1"):
-        Sampling(top_k=-1)
+        shipped(top_k=-1)
     with pytest.raises(LabError, match="max_new_tokens=0"):
-        Sampling(max_new_tokens=0)
+        shipped(max_new_tokens=0)
     with pytest.raises(LabError, match="1 for greedy decoding"):
-        Sampling(do_sample=False, num_return_sequences=3)
-    assert Sampling.from_config({"top_k": 40, "temperature": 0.7, "do_sample": True}).top_k == 40
+        shipped(do_sample=False, num_return_sequences=3)
+    assert settings_for("generate", model_path="x", top_k=40, temperature=0.7).sampling.top_k == 40
+    with pytest.raises(LabError, match=r"top_k is missing from the config"):
+        Sampling.from_config({"max_new_tokens": 4, "do_sample": True, "temperature": 0.7})
     with pytest.raises(LabError, match="give a prompt"):
         read_prompts("", None)
     (tmp_path / "prompts.txt").write_text("Era odată\n\nA fost odată\\nca niciodată\n", encoding="utf-8")
@@ -102,7 +112,7 @@ def test_bad_settings_and_inputs_are_clear_errors(tmp_path):
     with pytest.raises(LabError, match="prompt_file not found"):
         read_prompts(None, str(tmp_path / "missing.txt"))
     with pytest.raises(LabError, match="does not exist"):
-        run({"model_path": str(tmp_path / "missing"), "prompt": "x"})
+        run(settings_for("generate", model_path=str(tmp_path / "missing"), prompt="x"))
 
 
 def test_cli(tiny_runs, tmp_path):

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from lab import PROJECT_ROOT, LabError
-from lab.lm_eval_tasks import (LmEvalOptions, check_lm_eval_tasks, flat_metrics, import_lm_eval, lm_eval_metrics,
-                               read_task_dirs, run_lm_eval, task_names)
+from lab.command_settings import settings_for
+from lab.lm_eval_tasks import (check_lm_eval_tasks, flat_metrics, import_lm_eval, lm_eval_metrics, read_task_dirs,
+                               run_lm_eval, task_names)
 from lab.models import build_config, build_model
 from lab.tasks import MCItem, choice_logprobs, continuation_ids, item_logprobs, load_task, score_task
 from tests.test_quantize import make_tokenizer, tiny_config
@@ -31,6 +32,11 @@ needs_lm_eval = pytest.mark.skipif(not HAS_LM_EVAL, reason='lm-eval is not insta
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def lm_eval_options(**values):
+    """conf/evaluate.yaml's `lm_eval` node with `values` set, checked."""
+    return settings_for("evaluate", model_path="unused", lm_eval=values).lm_eval
 
 
 def random_model(arch: str, tokenizer) -> nn.Module:
@@ -59,7 +65,7 @@ def test_lab_scorer_agrees_with_lm_eval_item_by_item(tokenizer, arch, window, na
     assert sum(item.context != item.context.rstrip() for item in edges) >= 3
     assert sum(len(continuation_ids(tokenizer, i.context, " " + i.choices[0])[0]) > 64 for i in edges) >= 2
 
-    result = run_lm_eval(model, tokenizer, names, LmEvalOptions(task_dirs=(str(TASK_DIR),)), max_length=window,
+    result = run_lm_eval(model, tokenizer, names, lm_eval_options(task_dirs=[str(TASK_DIR)]), max_length=window,
                          batch_size=8, log_samples=True)
     for name, items in [(n, {"ro_mc_edges": edges, "ro_mc_sample": sample}[n]) for n in names]:
         samples = sorted(result["samples"][name], key=lambda s: s["doc_id"])
@@ -138,11 +144,11 @@ def test_evaluate_logs_lm_eval_metrics_beside_its_own(tokenizer, tmp_path):
     model = random_model("llama_gqa", tokenizer)
     model.save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
-    cfg = {"model_path": str(tmp_path / "hf"), "variants": "auto", "device": "cpu", "dtype": "auto",
-           "quantized_dir": str(tmp_path / "none"), "prepared_dir": None, "texts": [], "tasks": [str(EDGES)],
-           "lm_eval_tasks": ["ro_mc_edges"], "lm_eval": {"task_dirs": [str(TASK_DIR)]}, "batch_size": 8,
-           "output_dir": str(tmp_path / "out"), "efficiency": {"enabled": False}, "mlflow": {"enabled": False}}
-    (report,) = evaluate(cfg)
+    settings = settings_for("evaluate", model_path=str(tmp_path / "hf"), device="cpu",
+                            quantized_dir=str(tmp_path / "none"), prepared_dir=None, texts=[], tasks=[str(EDGES)],
+                            lm_eval_tasks=["ro_mc_edges"], lm_eval={"task_dirs": [str(TASK_DIR)]},
+                            output_dir=str(tmp_path / "out"), efficiency={"enabled": False}, mlflow={"enabled": False})
+    (report,) = evaluate(settings)
     metrics = report.metrics
     assert metrics["lm_eval/ro_mc_edges/acc"] == pytest.approx(metrics["task/ro_mc_edges/acc"], abs=1e-12)
     assert metrics["lm_eval/ro_mc_edges/acc_norm"] == pytest.approx(metrics["task/ro_mc_edges/acc_norm"], abs=1e-12)
@@ -152,8 +158,9 @@ def test_evaluate_logs_lm_eval_metrics_beside_its_own(tokenizer, tmp_path):
 
 def test_no_lm_eval_tasks_needs_no_lm_eval(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)       # as if it were not installed
-    assert lm_eval_metrics(nn.Linear(1, 1), None, {"lm_eval_tasks": []}, 64) == {}
-    assert check_lm_eval_tasks({"lm_eval_tasks": None}) == ([], LmEvalOptions())
+    options = lm_eval_options()
+    assert lm_eval_metrics(nn.Linear(1, 1), None, [], options, 64, 8) == {}
+    assert check_lm_eval_tasks([], options) == []
 
 
 def test_lm_eval_missing_is_one_line_with_the_install(monkeypatch):
@@ -161,7 +168,7 @@ def test_lm_eval_missing_is_one_line_with_the_install(monkeypatch):
     with pytest.raises(LabError, match=r'needs lm-eval .*pip install "lm-eval\[hf\]'):
         import_lm_eval()
     with pytest.raises(LabError, match="needs lm-eval"):
-        check_lm_eval_tasks({"lm_eval_tasks": ["ro_mc_edges"], "lm_eval": {"task_dirs": [str(TASK_DIR)]}})
+        check_lm_eval_tasks(["ro_mc_edges"], lm_eval_options(task_dirs=[str(TASK_DIR)]))
 
 
 @needs_lm_eval
@@ -175,7 +182,7 @@ def test_a_failure_inside_lm_eval_is_one_line(tokenizer, monkeypatch):
     one_line = r"^lm-eval could not run ro_mc_edges \(ConnectionError: could not reach the Hub\)$"
     with pytest.raises(LabError, match=one_line):
         run_lm_eval(random_model("llama_gqa", tokenizer), tokenizer, ["ro_mc_edges"],
-                    LmEvalOptions(task_dirs=(str(TASK_DIR),)), max_length=64)
+                    lm_eval_options(task_dirs=[str(TASK_DIR)]), max_length=64)
 
 
 # -- names and options ---------------------------------------------------------------------------------------------
@@ -183,12 +190,11 @@ def test_a_failure_inside_lm_eval_is_one_line(tokenizer, monkeypatch):
 
 @needs_lm_eval
 def test_unknown_task_names_are_refused_with_suggestions(tmp_path):
-    cfg = {"lm_eval_tasks": ["ro_mc_edgez"], "lm_eval": {"task_dirs": [str(TASK_DIR)]}}
+    options = lm_eval_options(task_dirs=[str(TASK_DIR)])
     with pytest.raises(LabError, match=r"no task 'ro_mc_edgez' in the lab's task folders .*did you mean ro_mc_edges"):
-        check_lm_eval_tasks(cfg)
+        check_lm_eval_tasks(["ro_mc_edgez"], options)
     # lm-eval's own tasks are known by name (its index parses task files, running none)
-    names, _ = check_lm_eval_tasks({"lm_eval_tasks": ["belebele_ron_Latn", "ro_mc_sample"],
-                                    "lm_eval": {"task_dirs": [str(TASK_DIR)]}})
+    names = check_lm_eval_tasks(["belebele_ron_Latn", "ro_mc_sample"], options)
     assert names == ["belebele_ron_Latn", "ro_mc_sample"]
 
 
@@ -199,16 +205,17 @@ def test_task_names_are_names_not_paths(name):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"limit": -1}, r"lm_eval.limit=-1 must be a whole number >= 1"),
+    ({"limit": -1}, r"lm_eval.limit=-1 is not allowed: expected an integer >= 1"),
     ({"limit": "all"}, r"lm_eval.limit='all'"),
     ({"num_fewshot": 1.5}, r"lm_eval.num_fewshot=1.5"),
     ({"bootstrap_iters": True}, r"lm_eval.bootstrap_iters=True"),
-    ({"task_dir": ["x"]}, r"lm_eval.task_dir: unknown option"),
-    ({"task_dirs": "data/sample/tasks/lm_eval"}, r"lm_eval.task_dirs must be a list of folders"),
+    ({"task_dir": ["x"]}, r"Key 'task_dir' is not in struct"),
+    ({"task_dirs": "data/sample/tasks/lm_eval"}, r"lm_eval.task_dirs='data/sample/tasks/lm_eval' is not allowed: "
+                                                 r"expected a list"),
 ])
 def test_bad_options_are_refused(options, message):
     with pytest.raises(LabError, match=message):
-        check_lm_eval_tasks({"lm_eval_tasks": ["ro_mc_edges"], "lm_eval": options})
+        lm_eval_options(**options)
 
 
 # -- task folders hold data, never code ------------------------------------------------------------------------------
@@ -268,7 +275,7 @@ def test_code_carrying_task_files_are_refused_and_run_nothing(tmp_path, line, me
     with pytest.raises(LabError, match=message):
         read_task_dirs([folder])
     with pytest.raises(LabError, match=message):   # also when lab.evaluate checks its settings
-        check_lm_eval_tasks({"lm_eval_tasks": ["mini"], "lm_eval": {"task_dirs": [str(folder)]}})
+        check_lm_eval_tasks(["mini"], lm_eval_options(task_dirs=[str(folder)]))
     assert not marker.exists()
 
 
@@ -346,8 +353,8 @@ def test_a_checked_task_folder_runs_in_lm_eval_from_any_working_directory(tokeni
     folder = task_folder(tmp_path)
     monkeypatch.chdir(tmp_path.parent)           # data files are relative to the task file, not the cwd
     model = random_model("falcon_mqa", tokenizer)
-    cfg = {"lm_eval_tasks": ["mini"], "lm_eval": {"task_dirs": [str(folder)], "limit": 4}}
-    metrics = lm_eval_metrics(model, tokenizer, cfg, max_length=64)
+    metrics = lm_eval_metrics(model, tokenizer, ["mini"], lm_eval_options(task_dirs=[str(folder)], limit=4),
+                              max_length=64, batch_size=8)
     items = load_task(folder / "items.jsonl")[:4]
     assert metrics["lm_eval/mini/n"] == 4
     ours = [[s] for s in item_logprobs(model, tokenizer,

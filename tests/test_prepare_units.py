@@ -17,8 +17,10 @@ from lab.data.filters import RULES, DocFilter, DocStats
 from lab.data.io import RawRecord, SourceSpec, iter_source, parse_record
 from lab.data.normalize import Normalizer, fold_cedilla
 from lab.data.pack import concat_parts, pieces
+from lab.data.pipeline import Settings
 from lab.data.split import TRAIN, VAL, assign_split, sample_key
 from lab.data.tokenizer import budget_thresholds, save_pretrained, token_dtype, train_bpe
+from tests.conftest import compose_config
 
 # A paragraph of ordinary Romanian prose that passes every default web rule.
 PROSE = ("Primăria a anunțat că lucrările de modernizare a străzii principale vor începe luna viitoare și vor "
@@ -442,6 +444,109 @@ def test_source_paths_are_normalised_so_spellings_share_fingerprints(tmp_path, m
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "corpus").mkdir()
-    spelled = SourceSpec.from_cfg("web", OmegaConf.create({"kind": "jsonl", "path": "x/../corpus/./web.jsonl"}))
-    plain = SourceSpec.from_cfg("web", OmegaConf.create({"kind": "jsonl", "path": str(tmp_path / "corpus" / "web.jsonl")}))
+    fields = {"kind": "jsonl", "text_field": "text", "id_field": "id", "val_fraction": 0.01}
+    spelled = SourceSpec.from_cfg("web", OmegaConf.create({**fields, "path": "x/../corpus/./web.jsonl"}))
+    plain = SourceSpec.from_cfg("web", {**fields, "path": str(tmp_path / "corpus" / "web.jsonl")})
     assert spelled.path == plain.path == tmp_path / "corpus" / "web.jsonl"
+
+
+# --- the settings: every knob checked once, before anything runs -------------------------------------------------
+
+def _settings_error(*overrides: str) -> str:
+    """The one LabError line Settings.from_cfg gives for the real conf/prepare.yaml with `overrides`."""
+    with pytest.raises(LabError) as caught:
+        Settings.from_cfg(compose_config("prepare", list(overrides)))
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_the_shipped_prepare_config_passes_as_it_is():
+    settings = Settings.from_cfg(compose_config("prepare", ["prepare.workers=3"]))
+    assert (settings.workers, settings.encoder, settings.overwrite) == (3, "auto", False)
+    assert settings.check_chars == 64 * 1024  # prepare.pack.check_kb counts KiB
+    assert settings.normalize["books"]["running_headers"] and not settings.normalize["web"].get("running_headers")
+    assert Settings.from_cfg(compose_config("prepare", [])).workers >= 1  # null: every core
+
+
+@pytest.mark.parametrize("override, message", [
+    ("prepare.batch_mb=abc", "prepare.batch_mb='abc' is not allowed: expected a positive number"),
+    ("prepare.workers=true", "prepare.workers=True is not allowed: expected an integer >= 1 (or null: every core)"),
+    ("prepare.workers=0", "prepare.workers=0 is not allowed: expected an integer >= 1"),
+    ("prepare.max_pending=-1", "prepare.max_pending=-1 is not allowed: expected an integer >= 1"),
+    ("prepare.max_doc_mb=0", "prepare.max_doc_mb=0 is not allowed: expected a positive number"),
+    ("prepare.progress=sometimes", "prepare.progress='sometimes' is not allowed: expected true or false"),
+    ("prepare.zstd_level=30", "prepare.zstd_level=30 is not allowed: expected an integer in [1, 22]"),
+    ("prepare.split.salt=null", "prepare.split.salt=None is not allowed: expected a non-empty string"),
+    ("data.seq_len=1", "data.seq_len=1 is not allowed: expected an integer >= 2"),
+    ("data.seq_len=2.5", "data.seq_len=2.5 is not allowed"),
+    ("tokenizer.vocab_size=100", "tokenizer.vocab_size=100 is not allowed: expected an integer >= 258 (a byte-level"),
+    ("prepare.pack.encoder=tiktoken", "prepare.pack.encoder='tiktoken' is not allowed: expected one of auto, "
+                                      "fastokens, tokenizers"),
+    ("prepare.pack.batch_docs=0", "prepare.pack.batch_docs=0 is not allowed"),
+    ("prepare.pack.check_kb=-1", "prepare.pack.check_kb=-1 is not allowed: expected a number >= 0"),
+    ("prepare.dedup.num_perm=1", "prepare.dedup.num_perm=1 is not allowed: expected an integer >= 2"),
+    ("prepare.dedup.threshold=1.0", "prepare.dedup.threshold=1.0 is not allowed: expected a number in (0, 1)"),
+    ("prepare.dedup.near=maybe", "prepare.dedup.near='maybe' is not allowed: expected true or false"),
+    ("prepare.dedup.keep_priority=books", "prepare.dedup.keep_priority='books' is not allowed: expected a list"),
+    ("prepare.tokenizer_training.min_frequency=-1", "prepare.tokenizer_training.min_frequency=-1 is not allowed"),
+    ("prepare.tokenizer_training.source_shares={web:0.7,book:0.3}",
+     "prepare.tokenizer_training.source_shares names unknown source(s) ['book']"),
+    ("prepare.tokenizer_training.source_shares={web:0,books:0}", "expected at least one share above 0"),
+    ("prepare.report.variants=[no_fold,bpe]",
+     "prepare.report.variants[1]='bpe' is not allowed: expected one of no_fold, unigram"),
+    ("prepare.report.train_mb=0", "prepare.report.train_mb=0 is not allowed: expected a positive number or null"),
+    ("prepare.filters.books.max_words=-5",
+     "prepare.filters.books.max_words=-5 is not allowed: expected an integer >= 0"),
+    ("prepare.filters.default.min_stopword_frac=2", "prepare.filters.default.min_stopword_frac=2 is not allowed"),
+    ("prepare.filters.default.mean_word_length=[10,3]", "prepare.filters.default.mean_word_length=[10, 3] is not "
+                                                        "allowed: expected [min, max]"),
+    ("prepare.filters.default.max_top_ngram_char_frac={2:1.5}",
+     "prepare.filters.default.max_top_ngram_char_frac.2=1.5 is not allowed: expected a number in [0, 1]"),
+    ("prepare.filters.books.max_dup_ngram_char_frac={11:0.1}",
+     "prepare.filters.books.max_dup_ngram_char_frac has n=11: expected n-gram lengths 1 <= n <= 10"),
+    ("prepare.filters.books.max_dup_ngram_char_frac=0.1",
+     "prepare.filters.books.max_dup_ngram_char_frac=0.1 is not allowed: expected a mapping n -> fraction"),
+    ("+prepare.filters.web.min_wrds=3", "unknown filter rule(s) ['min_wrds'] in prepare.filters.web"),
+    ("prepare.normalize.default.nfc=1", "prepare.normalize.default.nfc=1 is not allowed: expected true or false"),
+    ("prepare.normalize.books.header_min_repeats=1",
+     "prepare.normalize.books.header_min_repeats=1 is not allowed: expected an integer >= 2"),
+    ("+prepare.normalize.web.lowercase=true",
+     "unknown prepare.normalize option(s) ['lowercase'] in prepare.normalize.web"),
+    ("data.sources.web.val_fraction=1", "data.sources.web.val_fraction=1 is not allowed: expected a number in [0, 1)"),
+    ("data.sources.web.kind=csv", "data.sources.web.kind='csv' is not allowed: expected one of jsonl, txt_dir"),
+    ("data.sources.web.id_field=7", "data.sources.web.id_field=7 is not allowed: expected a non-empty string"),
+    ("+data.sources.books.text_field=body", "data.sources.books.text_field applies to jsonl sources only"),
+])
+def test_a_bad_setting_is_one_line_naming_the_key_and_what_is_allowed(override, message):
+    assert message in _settings_error(override)
+
+
+@pytest.mark.parametrize("key", [
+    "prepare.pack.encoder", "prepare.pack.check_kb", "prepare.overwrite", "prepare.workers", "prepare.batch_mb",
+    "prepare.dedup.keep_priority", "prepare.report.train_mb", "prepare.split.salt",
+    "prepare.tokenizer_training.source_shares", "prepare.normalize.default.fold_cedilla",
+    "prepare.filters.default.min_words", "data.sources.web.text_field", "data.sources.books.val_fraction",
+])
+def test_a_key_the_yaml_lost_is_an_error_not_a_default_from_code(key):
+    assert _settings_error(f"~{key}").startswith(f"{key} is missing from the config")
+
+
+def test_a_lost_key_that_other_settings_refer_to_is_named():
+    message = _settings_error("~tokenizer.name")  # data.prepared_dir is named after it
+    assert message.startswith("data.prepared_dir does not resolve: Interpolation key 'tokenizer.name' not found")
+
+
+def test_running_headers_needs_its_thresholds():
+    message = _settings_error("~prepare.normalize.books.header_max_chars")
+    assert message.startswith("prepare.normalize.books.header_max_chars is missing from the config")
+    assert "running_headers needs it" in message
+    off = compose_config("prepare", ["~prepare.normalize.books.header_max_chars",
+                                     "prepare.normalize.books.running_headers=false"])
+    assert not Settings.from_cfg(off).normalize["books"]["running_headers"]  # off: the thresholds are not needed
+
+
+def test_an_entry_for_no_source_is_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="lab.prepare"):
+        Settings.from_cfg(compose_config("prepare", ["+prepare.filters.bookz={min_words: 5}"]))
+    assert "prepare.filters.bookz names no source of data.sources (web, books): ignored" in caplog.text

@@ -19,6 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lab import PROJECT_ROOT, LabError
+from lab.command_settings import settings_for
 from lab.evaluation import evaluate_command
 from lab.quantization import quantize_command
 from lab.run_selection import RunQuery, model_config, parse_runs, select_runs, selection_from_config
@@ -62,20 +63,16 @@ def two_runs(run_folders, tmp_path) -> dict[str, Path]:
     return runs
 
 
-def quantize_cfg(tmp_path: Path, **overrides) -> dict:
-    return {"runs": f"experiment:{EXPERIMENT}", "run_tags": None, "run_latest": True, "variants": ["int8wo"],
-            "device": "cpu", "dtype": "auto", "output_dir": None, "tokenizer_path": None, "variant_options": {},
-            **overrides}
+def quantize_cfg(tmp_path: Path, **values):
+    return settings_for("quantize", **{"runs": f"experiment:{EXPERIMENT}", "variants": ["int8wo"], "device": "cpu",
+                                       **values})
 
 
-def evaluate_cfg(tmp_path: Path, **overrides) -> dict:
+def evaluate_cfg(tmp_path: Path, **values):
     """Quality only (the held-out blocks of the run's data), no timings: the selection is what is tested."""
-    return {"runs": f"experiment:{EXPERIMENT}", "run_tags": None, "run_latest": True, "variants": "auto",
-            "device": "cpu", "dtype": "auto", "seed": 0, "prepared_dir": "auto", "max_blocks": 2, "batch_size": 4,
-            "texts": [], "tasks": [], "output_dir": str(tmp_path / "eval"), "quantized_dir": None,
-            "efficiency": {"enabled": False},
-            "mlflow": {"enabled": True, "tracking_uri": None, "experiment_name": None, "eval_of": "auto"},
-            **overrides}
+    return settings_for("evaluate", **{"runs": f"experiment:{EXPERIMENT}", "device": "cpu", "max_blocks": 2,
+                                       "batch_size": 4, "texts": [], "tasks": [], "output_dir": str(tmp_path / "eval"),
+                                       "efficiency": {"enabled": False}, **values})
 
 
 # -- the runs= setting ------------------------------------------------------------------------------------------------
@@ -113,10 +110,10 @@ def test_malformed_run_settings_are_one_clear_line(runs, tags, latest, message):
 
 def test_model_path_and_runs_exclude_each_other(tmp_path):
     with pytest.raises(LabError, match=r"give model_path= or runs=, not both"):
-        selection_from_config({"model_path": str(tmp_path), "runs": "experiment:x"})
+        selection_from_config(settings_for("quantize", model_path=str(tmp_path), runs="experiment:x"))
     with pytest.raises(LabError, match=r"model_path is required.*or select trained runs with runs=experiment:<name>"):
-        selection_from_config({"model_path": "???", "runs": None})
-    assert selection_from_config({"model_path": str(tmp_path), "runs": None}) is None
+        selection_from_config(settings_for("evaluate"))  # model_path: ??? in the YAML, and no runs
+    assert selection_from_config(settings_for("quantize", model_path=str(tmp_path))) is None
 
 
 def test_hydra_overrides_compose_into_the_selection():
@@ -196,10 +193,11 @@ def test_a_run_without_run_dir_tag_is_listed_as_failed():
 
 def test_model_config_gives_each_run_its_own_output_folders(two_runs, tmp_path):
     run = select_runs(RunQuery(EXPERIMENT)).models[0]
-    cfg = model_config({"runs": "experiment:x", "run_tags": {"a": "b"}, "output_dir": str(tmp_path / "o"),
-                        "quantized_dir": None, "model_path": None}, run, ("output_dir", "quantized_dir"))
-    assert cfg["model_path"] == str(run.model_path) and cfg["runs"] is None and cfg["run_tags"] is None
-    assert cfg["output_dir"] == str(tmp_path / "o" / run.label) and cfg["quantized_dir"] is None
+    settings = settings_for("evaluate", runs="experiment:x", run_tags={"a": "b"}, output_dir=str(tmp_path / "o"))
+    own = model_config(settings, run, ("output_dir", "quantized_dir"))
+    assert own.model_path == str(run.model_path) and own.runs is None and own.run_tags is None
+    assert own.output_dir == str(tmp_path / "o" / run.label) and own.quantized_dir is None
+    assert own.efficiency == settings.efficiency  # everything else as it was
 
 
 # -- the commands over a selection ------------------------------------------------------------------------------------

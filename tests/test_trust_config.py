@@ -71,21 +71,46 @@ def test_bad_values_name_the_key_and_what_is_allowed(override, message):
     ("generate", "seed=-1", "seed=-1 is not allowed: expected an integer >= 0"),
     ("generate", "do_sample=yes", "do_sample='yes' is not allowed: expected true or false"),
     ("generate", "num_return_sequences=true", "num_return_sequences=True"),
+    ("generate", "prepend_eos=1", "prepend_eos=1 is not allowed: expected true or false"),
+    ("generate", "~top_k", "top_k is missing from the config"),
+    ("generate", "~device", "device is missing from the config"),
     ("evaluate", "batch_size=0", "batch_size=0 is not allowed"),
     ("evaluate", "max_blocks=-1", "max_blocks=-1 is not allowed: expected an integer >= 1 or auto"),
     ("evaluate", "efficiency.repeats=nan", "efficiency.repeats=nan"),
+    ("evaluate", "efficiency.batch_sizes=[1,0]", "efficiency.batch_sizes[1]=0 is not allowed"),
+    ("evaluate", "efficiency.prompt_lengths=128", "efficiency.prompt_lengths=128 is not allowed: expected a list"),
+    ("evaluate", "efficiency.compile=sometimes", "efficiency.compile='sometimes' is not allowed"),
+    ("evaluate", "~efficiency.warmup", "efficiency.warmup is missing from the config"),
+    ("evaluate", "texts=poveste.txt", "texts='poveste.txt' is not allowed: expected a list"),
+    ("evaluate", "threads=0", "threads=0 is not allowed"),
+    ("evaluate", "mlflow.enabled=maybe", "mlflow.enabled='maybe' is not allowed"),
+    ("evaluate", "+mlflow.tags.nested={a:b}", "mlflow.tags.nested={'a': 'b'} is not allowed"),
+    ("evaluate", "lm_eval.bootstrap_iters=-5", "lm_eval.bootstrap_iters=-5"),
+    ("evaluate", "bench.max_weight_memory_ratio=0", "bench.max_weight_memory_ratio=0 is not allowed"),
+    ("evaluate", "~bench", "bench is missing from the config"),
     ("quantize", "variant_options.int4wo.group_size=0", "variant_options.int4wo.group_size=0"),
+    ("quantize", "variant_options.intx4wo.group_size=32.5", "variant_options.intx4wo.group_size=32.5"),
+    ("quantize", "variant_options.int8wo.quantize_embedding=no", "variant_options.int8wo.quantize_embedding='no'"),
+    ("quantize", "~variant_options.intx4wo.group_size", "variant_options.intx4wo.group_size is missing"),
+    ("quantize", "+variant_options.int8wo.group_size=64", "variant_options.int8wo.group_size: not a knob of int8wo"),
+    ("quantize", "+variant_options.int3=null", "variant_options.int3: not a variant"),
+    ("quantize", "variants=[int8wo,7]", "variants[1]=7 is not allowed: expected a non-empty string"),
     ("prepare", "data.seq_len=1", "data.seq_len=1"),
     ("prepare", "prepare.workers=0", "prepare.workers=0"),
     ("prepare", "prepare.batch_mb=-4", "prepare.batch_mb=-4"),
 ])
-def test_the_other_commands_check_their_knobs(command, override, message):
-    from lab.settings import check_knobs
+def test_the_other_commands_check_their_settings(command, override, message):
+    from lab.command_settings import parse_settings
+    from lab.data.pipeline import Settings as PrepareSettings
+
+    def parse(cfg):
+        return PrepareSettings.from_cfg(cfg) if command == "prepare" else parse_settings(command, cfg)
 
     extra = [] if command == "prepare" else ["model_path=/nowhere"]
-    check_knobs(compose_config(command, extra), command)  # the shipped values pass
-    with pytest.raises(LabError, match=re.escape(message)):
-        check_knobs(compose_config(command, [*extra, override]), command)
+    parse(compose_config(command, extra))  # the shipped values pass
+    with pytest.raises(LabError, match=re.escape(message)) as caught:
+        parse(compose_config(command, [*extra, override]))
+    assert "\n" not in str(caught.value)
 
 
 TINY_SAMPLE_USERS = [["experiment=demo"], ["experiment=arch_bakeoff_tiny"], ["experiment=curriculum_study_tiny"],

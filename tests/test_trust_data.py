@@ -523,3 +523,14 @@ def test_the_command_line_reports_an_os_refusal_as_one_line_and_exit_1(corpus, t
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "prepared" / "manifest.json").exists()
 
+
+
+def test_the_command_line_reports_a_bad_setting_as_one_line_and_exit_1(corpus, tmp_path):
+    _, overrides = compose(tmp_path, *corpus, "prepare.batch_mb=lots")
+    proc = subprocess.run([sys.executable, "-m", "lab.prepare", *overrides, f"hydra.run.dir={tmp_path / 'h'}"],
+                          capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: prepare.batch_mb='lots' is not allowed: expected a positive number"]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "prepared").exists()  # checked before anything is written

@@ -13,11 +13,12 @@ import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from lab import LabError
+from lab.settings import integer, number
 
 # A word: letters/digits, possibly joined by hyphens or apostrophes ("într-un", "l-a", "d'Artagnan").
 WORD = re.compile(r"[^\W_]+(?:[-'’][^\W_]+)*")
@@ -345,6 +346,58 @@ BATCH_RULES: dict[str, Callable[[NgramBatch, Any], np.ndarray]] = {
 assert list(RULES)[-len(BATCH_RULES):] == list(BATCH_RULES), "batch rules must be the last in RULES"
 
 
+_FRACTION = number(0, 1)
+
+
+def _phrases(value: Any, key: str) -> Any:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p for p in value):
+        raise LabError(f"{key}={value!r} is not allowed: expected a list of non-empty phrases")
+    return value
+
+
+def _word_length_bounds(value: Any, key: str) -> Any:
+    numbers = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not numbers or not 0 <= value[0] <= value[1]:
+        raise LabError(f"{key}={value!r} is not allowed: expected [min, max] mean word lengths, 0 <= min <= max")
+    return value
+
+
+def _ngram_fractions(value: Any, key: str) -> Any:
+    if not isinstance(value, Mapping) or not value:
+        raise LabError(f"{key}={value!r} is not allowed: expected a mapping n -> fraction, e.g. {{2: 0.2, 3: 0.18}}")
+    for n, fraction in value.items():
+        if isinstance(n, bool) or not str(n).isdigit() or not 1 <= int(n) <= MAX_NGRAM:
+            raise LabError(f"{key} has n={n!r}: expected n-gram lengths 1 <= n <= {MAX_NGRAM}")
+        _FRACTION(fraction, f"{key}.{n}")
+    return value
+
+
+# Rule -> the check of its threshold (null always disables a rule).
+_THRESHOLD_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "min_words": integer(0), "max_words": integer(0), "max_replacement_frac": _FRACTION, "blocklist": _phrases,
+    "mean_word_length": _word_length_bounds, "max_symbol_frac": _FRACTION, "max_digit_frac": _FRACTION,
+    "max_url_frac": _FRACTION, "min_alpha_word_frac": _FRACTION, "min_stopword_frac": _FRACTION,
+    "max_bullet_line_frac": _FRACTION, "max_ellipsis_line_frac": _FRACTION, "max_dup_line_frac": _FRACTION,
+    "max_dup_line_char_frac": _FRACTION, "max_top_ngram_char_frac": _ngram_fractions,
+    "max_dup_ngram_char_frac": _ngram_fractions,
+}
+assert set(_THRESHOLD_CHECKS) == set(RULES), "every filter rule needs the check of its threshold"
+
+
+def check_rules(node: Any, prefix: str) -> None:
+    """One entry of prepare.filters (`prefix` names it): known rules with thresholds of the right type and range,
+    else one LabError line naming the first bad one."""
+    if not isinstance(node, Mapping):
+        raise LabError(f"{prefix} must be a mapping of filter rules, not {node!r}")
+    unknown = set(node) - set(RULES)
+    if unknown:
+        raise LabError(f"unknown filter rule(s) {sorted(unknown)} in {prefix}; known: {list(RULES)}")
+    for name, value in node.items():
+        if value is not None:
+            _THRESHOLD_CHECKS[name](value, f"{prefix}.{name}")
+
+
 @dataclass(frozen=True)
 class DocFilter:
     """The enabled rules of one source, with their thresholds."""
@@ -353,15 +406,8 @@ class DocFilter:
 
     @classmethod
     def from_cfg(cls, node: dict[str, Any]) -> "DocFilter":
-        unknown = set(node) - set(RULES)
-        if unknown:
-            raise LabError(f"unknown filter rule(s) {sorted(unknown)} in prepare.filters; known: {list(RULES)}")
-        for name, value in node.items():
-            if name in ("max_top_ngram_char_frac", "max_dup_ngram_char_frac") and value is not None:
-                if not isinstance(value, dict) or not all(1 <= int(n) <= MAX_NGRAM for n in value):
-                    raise LabError(f"prepare.filters {name}: expected a mapping n -> fraction with 1 <= n <= {MAX_NGRAM}")
-            if name == "mean_word_length" and value is not None and len(value) != 2:
-                raise LabError("prepare.filters mean_word_length: expected [min, max]")
+        """The rules of a merged prepare.filters entry; a rule that is absent or null is off."""
+        check_rules(node, "prepare.filters")
         enabled = {name: node[name] for name in RULES if node.get(name) is not None}
         return cls(enabled)
 

@@ -16,11 +16,12 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
+from typing import Any, BinaryIO, Callable, Iterator, Mapping, NamedTuple
 
 import zstandard
 
 from lab import LabError
+from lab.settings import choice, number, optional, text
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +48,31 @@ class SourceSpec:
 
     @classmethod
     def from_cfg(cls, name: str, node: Any) -> "SourceSpec":
-        kind = str(node.get("kind", ""))
-        if kind not in KINDS:
-            raise LabError(f"data.sources.{name}.kind={kind!r}: expected one of {list(KINDS)}")
-        if node.get("path") in (None, ""):
-            raise LabError(f"data.sources.{name}.path is not set")
-        val_fraction = float(node.get("val_fraction", 0.0))
-        if not 0.0 <= val_fraction < 1.0:
-            raise LabError(f"data.sources.{name}.val_fraction={val_fraction}: expected 0 <= fraction < 1")
-        return cls(name=name, kind=kind, path=clean_path(node.path),
-                   text_field=str(node.get("text_field", "text")),
-                   id_field=node.get("id_field", "id"), val_fraction=val_fraction)
+        """`data.sources.<name>`, every key checked: one LabError line naming the first bad or missing one."""
+        prefix = f"data.sources.{name}"
+        if not isinstance(node, Mapping):
+            raise LabError(f"{prefix} must be a mapping of settings (kind, path, ...), not {node!r}")
+
+        def setting(key: str, check: Callable[[Any, str], Any]) -> Any:
+            if key not in node:
+                raise LabError(f"{prefix}.{key} is missing from the config (it has no default in code; "
+                               "restore it in conf/data/)")
+            return check(node[key], f"{prefix}.{key}")
+
+        kind = setting("kind", choice(*KINDS))
+        path = setting("path", text)
+        val_fraction = setting("val_fraction", number(0, 1, high_open=True))
+        if kind == "jsonl":
+            fields = {"text_field": setting("text_field", text), "id_field": setting("id_field", optional(text))}
+        else:
+            stray = [key for key in ("text_field", "id_field") if key in node]
+            if stray:
+                raise LabError(f"{prefix}.{stray[0]} applies to jsonl sources only ({prefix}.kind={kind!r} reads "
+                               "one document per file): remove it")
+            # A txt_dir source has no fields; these placeholders stand in its scan fingerprint as they always
+            # have, so data prepared before keeps being reused.
+            fields = {"text_field": "text", "id_field": "id"}
+        return cls(name=name, kind=kind, path=clean_path(path), val_fraction=val_fraction, **fields)
 
     def files(self) -> list[Path]:
         """The input files, sorted (the order defines document order, hence the outputs)."""

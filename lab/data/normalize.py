@@ -12,6 +12,10 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any, Mapping
+
+from lab import LabError
+from lab.settings import boolean, integer
 
 # Romanian s/t take a comma below (ș ț, U+0219/U+021B); the cedilla forms (ş ţ, U+015F/U+0163) are
 # a legacy of pre-Unicode-5 fonts and still common in web text. Folding them makes one word one
@@ -51,6 +55,13 @@ _TITLE_LINES = 3  # a running header among the book's first non-blank lines is i
 _CLITIC_LEFT = frozenset("într dintr printr prin s n l m v c i ne să nu mi ți ţi și şi te le vă dă de la pe".split())
 _CLITIC_RIGHT = frozenset("un o a ai am au ați aţi ar i l le lea mi ți ţi și şi ne vă se s e n o-n".split())
 
+# The options every source's normalisation states (prepare.normalize.default); the book clean-up options are off
+# for a source whose entry does not turn them on.
+BASE_OPTIONS = ("nfc", "fold_cedilla", "strip_control", "whitespace")
+# What running_headers needs to know (the other options are true or false).
+HEADER_OPTIONS = ("header_min_repeats", "header_max_chars")
+_OPTION_CHECKS = {"header_min_repeats": integer(2), "header_max_chars": integer(1)}
+
 
 def fold_cedilla(text: str) -> str:
     # str.replace is a C loop; str.translate with a dict costs a lookup per character.
@@ -77,12 +88,21 @@ class Normalizer:
     unwrap_lines: bool = False
 
     @classmethod
-    def from_cfg(cls, node: dict) -> "Normalizer":
+    def check_options(cls, node: Any, prefix: str) -> None:
+        """One entry of prepare.normalize (`prefix` names it): known options of the right types, else one LabError
+        line naming the first bad one."""
+        if not isinstance(node, Mapping):
+            raise LabError(f"{prefix} must be a mapping of normalisation options, not {node!r}")
         unknown = set(node) - set(cls.__dataclass_fields__)
         if unknown:
-            from lab import LabError
-            raise LabError(f"unknown prepare.normalize option(s) {sorted(unknown)}; known: "
+            raise LabError(f"unknown prepare.normalize option(s) {sorted(unknown)} in {prefix}; known: "
                            f"{sorted(cls.__dataclass_fields__)}")
+        for name, value in node.items():
+            _OPTION_CHECKS.get(name, boolean)(value, f"{prefix}.{name}")
+
+    @classmethod
+    def from_cfg(cls, node: dict) -> "Normalizer":
+        cls.check_options(node, "prepare.normalize")
         return cls(**node)
 
     @property

@@ -22,10 +22,12 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
+import zstandard
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 from tqdm import tqdm
 
 from lab import LabError
@@ -35,15 +37,16 @@ from lab.data import pack as pk
 from lab.data import publish
 from lab.data import scan as sc
 from lab.data import tokenizer as tk
-from lab.data.encode import check_backend
-from lab.data.filters import DocFilter
+from lab.data.encode import BACKENDS
+from lab.data.filters import RULES, DocFilter, check_rules
 from lab.data.io import SourceSpec, clean_path
-from lab.data.normalize import Normalizer
+from lab.data.normalize import BASE_OPTIONS, HEADER_OPTIONS, Normalizer
 from lab.data.parallel import ordered_map, resolve_workers
 from lab.data.progress import cpu_clock, format_size, progress_bar
 from lab.data.split import SPLITS, TRAIN, VAL
 from lab.data.steps import (StepStore, atomic_path, crash_point, file_stamp, fingerprint, remove_stale_tmp,
                             run_lock, sha256_file, write_json_atomic)
+from lab.settings import boolean, choice, integer, list_of, number, optional, required, text
 from lab.units import MiB
 
 # The lab.prepare command's log: its lines (and the tests that read them) keep that name wherever the code lives.
@@ -54,12 +57,102 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def _per_source(node: Any, name: str) -> dict[str, Any]:
-    """`default` merged with the source's own entry (prepare.normalize / prepare.filters)."""
-    node = _plain(node) or {}
-    merged = dict(node.get("default") or {})
-    merged.update(node.get(name) or {})
-    return merged
+# --- reading the config: every knob checked once, each with its type and range ---------------------------------
+
+Check = Callable[[Any, str], Any]
+_MISSING = "is missing from the config (it has no default in code; restore it in conf/)"
+_MIN_VOCAB = 256 + len(tk.SPECIAL_TOKENS)  # a byte-level BPE: every byte is a token, plus the special tokens
+
+
+def _setting(cfg: DictConfig, key: str, check: Check) -> Any:
+    """The checked value at the dotted `key` (plain containers): one LabError line for a bad or missing one."""
+    return check(_plain(required(cfg, key)), key)
+
+
+def _because(check: Check, why: str) -> Check:
+    """`check`, with `why` added to its error line."""
+    def checked(value: Any, key: str) -> Any:
+        try:
+            return check(value, key)
+        except LabError as err:
+            raise LabError(f"{err} ({why})") from None
+    return checked
+
+
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise LabError(f"{key}={value!r} is not allowed: expected a mapping of settings")
+    return dict(value)
+
+
+def _shares(sources: dict[str, SourceSpec]) -> Check:
+    """prepare.tokenizer_training.source_shares: null, or source -> share (a source left out gets none)."""
+    def check(value: Any, key: str) -> dict[str, float] | None:
+        if value is None:
+            return None
+        shares = {name: number(0)(share, f"{key}.{name}") for name, share in _mapping(value, key).items()}
+        unknown = sorted(set(shares) - set(sources))
+        if unknown:
+            raise LabError(f"{key} names unknown source(s) {unknown}; the sources are {', '.join(sources)}")
+        if not any(shares.values()):
+            raise LabError(f"{key}={value!r} is not allowed: expected at least one share above 0 (or null: in "
+                           "proportion to each source's size)")
+        return shares
+    return check
+
+
+_VOCAB_SIZE = _because(integer(_MIN_VOCAB), f"a byte-level BPE needs 256 byte tokens + {len(tk.SPECIAL_TOKENS)} "
+                                                        "special tokens")
+_WORKERS = _because(optional(integer(1)), "or null: every core")
+_DEDUP_CHECKS: dict[str, Check] = {  # (datasketch needs 2 permutations and a weight on false negatives)
+    "exact": boolean, "near": boolean, "num_perm": integer(2),
+    "threshold": number(0, 1, low_open=True, high_open=True), "shingle_words": integer(1), "seed": integer(0),
+    "false_negative_weight": number(0, 1, low_open=True), "keep_priority": optional(list_of(text))}
+_TRAINING_CHECKS: dict[str, Check] = {"byte_budget_mb": number(0, low_open=True), "min_frequency": integer(0)}
+_REPORT_CHECKS: dict[str, Check] = {"variants": optional(list_of(choice("no_fold", "unigram"))),  # null: none
+                                    "train_mb": number(0, low_open=True, optional=True),
+                                    "eval_mb": number(0, low_open=True)}
+
+
+def _zstd_level(value: Any, key: str) -> int:
+    level = integer(1)(value, key)
+    if level > zstandard.MAX_COMPRESSION_LEVEL:
+        raise LabError(f"{key}={value!r} is not allowed: expected an integer in [1, {zstandard.MAX_COMPRESSION_LEVEL}]")
+    return level
+
+
+def _check_node(cfg: DictConfig, prefix: str, checks: dict[str, Check]) -> dict[str, Any]:
+    """The node at `prefix` as plain containers (as the config holds it), once each of its `checks` passed."""
+    _setting(cfg, prefix, _mapping)
+    for key, check in checks.items():
+        _setting(cfg, f"{prefix}.{key}", check)
+    return _plain(OmegaConf.select(cfg, prefix))
+
+
+def _per_source(cfg: DictConfig, group: str, sources: dict[str, SourceSpec], check_entry: Callable[[Any, str], None],
+                base: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """prepare.<group> (normalize / filters): its `default`, which must state every option of `base`, and per
+    source `default` merged with the source's own entry. Each entry is checked as the config spells it."""
+    node = _setting(cfg, f"prepare.{group}", _mapping)
+    default = _setting(cfg, f"prepare.{group}.default", _mapping)
+    for option in base:
+        required(cfg, f"prepare.{group}.default.{option}")
+    for entry, options in node.items():
+        if entry != "default" and entry not in sources:
+            log.warning("prepare.%s.%s names no source of data.sources (%s): ignored", group, entry,
+                        ", ".join(sources))
+        if options is not None:  # null: the source adds nothing to the default
+            check_entry(options, f"prepare.{group}.{entry}")
+    # a source without an entry of its own gets the default alone
+    return default, {name: {**default, **(node.get(name) or {})} for name in sources}
+
+
+def _check_running_headers(normalize: dict[str, dict[str, Any]]) -> None:
+    for name, options in normalize.items():
+        if options.get("running_headers"):  # absent: off, as for every source whose entry does not turn it on
+            for option in HEADER_OPTIONS:
+                if option not in options:
+                    raise LabError(f"prepare.normalize.{name}.{option} {_MISSING} (running_headers needs it)")
 
 
 @dataclass
@@ -87,48 +180,56 @@ class Settings:
     batch_docs: int
     encoder: str
     check_chars: int
+    overwrite: bool
     normalize_default: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)  # the config written into the manifest
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "Settings":
+        """Check every knob of the composed conf/prepare.yaml config once (type and range; a key the YAML lost
+        is an error, never a default from code); raises one LabError line naming the first bad one."""
         for key in ("data", "tokenizer", "prepare"):
             if key not in cfg:
                 raise LabError(f"config has no `{key}` node: run lab.prepare with conf/prepare.yaml")
-        data, prep = cfg.data, cfg.prepare
-        if not data.get("sources"):
+        try:  # the config as the manifest records it; resolving it first names a lost key that others refer to
+            record = {"data": _plain(cfg.data), "tokenizer": _plain(cfg.tokenizer), "prepare": _plain(cfg.prepare)}
+        except InterpolationResolutionError as err:
+            reason = (str(err).splitlines() or [type(err).__name__])[0]
+            raise LabError(f"{err.full_key} does not resolve: {reason} (restore the key it refers to in conf/)"
+                           ) from None
+        source_nodes = _setting(cfg, "data.sources", optional(_mapping))
+        if not source_nodes:
             raise LabError("data.sources is empty: nothing to prepare")
-        sources = {name: SourceSpec.from_cfg(name, node) for name, node in data.sources.items()}
-        normalize = {name: _per_source(prep.normalize, name) for name in sources}
-        filters = {name: _per_source(prep.filters, name) for name in sources}
-        for name in sources:  # fail on a typo now, not in a worker
-            Normalizer.from_cfg(normalize[name])
-            DocFilter.from_cfg(filters[name])
-        seq_len, vocab_size = int(data.seq_len), int(cfg.tokenizer.vocab_size)
-        if seq_len < 2:
-            raise LabError(f"data.seq_len={seq_len}: must be at least 2")
-        if vocab_size < 256 + len(tk.SPECIAL_TOKENS):
-            raise LabError(f"tokenizer.vocab_size={vocab_size}: a byte-level BPE needs at least "
-                           f"{256 + len(tk.SPECIAL_TOKENS)} (256 bytes + special tokens)")
-        encoder = check_backend(str(prep.pack.get("encoder", "auto")))  # a typo fails now, not in a worker
-        dedup = _plain(prep.dedup)
-        if not 0.0 < float(dedup["threshold"]) < 1.0:
-            raise LabError(f"prepare.dedup.threshold={dedup['threshold']}: expected 0 < threshold < 1")
-        unknown = set(dedup.get("keep_priority") or []) - set(sources)
+        sources = {name: SourceSpec.from_cfg(name, node) for name, node in source_nodes.items()}
+        normalize_default, normalize = _per_source(cfg, "normalize", sources, Normalizer.check_options, BASE_OPTIONS)
+        _check_running_headers(normalize)
+        _, filters = _per_source(cfg, "filters", sources, check_rules, tuple(RULES))
+        dedup = _check_node(cfg, "prepare.dedup", _DEDUP_CHECKS)
+        unknown = set(dedup["keep_priority"] or []) - set(sources)
         if unknown:
             log.warning("prepare.dedup.keep_priority names unknown source(s) %s", sorted(unknown))
-        record = {"data": _plain(data), "tokenizer": _plain(cfg.tokenizer), "prepare": _plain(prep)}
+        training = _check_node(cfg, "prepare.tokenizer_training",
+                               {**_TRAINING_CHECKS, "source_shares": _shares(sources)})
         return cls(
-            prepared_dir=clean_path(data.prepared_dir), work_dir=clean_path(prep.work_dir),
+            prepared_dir=clean_path(_setting(cfg, "data.prepared_dir", text)),
+            work_dir=clean_path(_setting(cfg, "prepare.work_dir", text)),
             sources=sources, normalize=normalize, filters=filters, dedup=dedup,
-            split_salt=str(prep.split.salt), vocab_size=vocab_size, seq_len=seq_len,
-            tokenizer_name=str(cfg.tokenizer.get("name", "bpe")), training=_plain(prep.tokenizer_training),
-            report=_plain(prep.report), workers=resolve_workers(prep.workers),
-            batch_bytes=max(1, int(float(prep.batch_mb) * MiB)), max_pending=int(prep.max_pending),
-            max_doc_bytes=int(float(prep.max_doc_mb) * MiB), progress=bool(prep.progress),
-            zstd_level=int(prep.zstd_level), batch_docs=int(prep.pack.batch_docs),
-            encoder=encoder, check_chars=int(float(prep.pack.get("check_kb", 64)) * 1024),
-            normalize_default=_per_source(prep.normalize, ""), record=record)
+            split_salt=_setting(cfg, "prepare.split.salt", text),
+            vocab_size=_setting(cfg, "tokenizer.vocab_size", _VOCAB_SIZE),
+            seq_len=_setting(cfg, "data.seq_len", integer(2)),
+            tokenizer_name=_setting(cfg, "tokenizer.name", text),
+            training=training, report=_check_node(cfg, "prepare.report", _REPORT_CHECKS),
+            workers=resolve_workers(_setting(cfg, "prepare.workers", _WORKERS)),
+            batch_bytes=max(1, int(_setting(cfg, "prepare.batch_mb", number(0, low_open=True)) * MiB)),
+            max_pending=_setting(cfg, "prepare.max_pending", integer(1)),
+            max_doc_bytes=int(_setting(cfg, "prepare.max_doc_mb", number(0, low_open=True)) * MiB),
+            progress=_setting(cfg, "prepare.progress", boolean),
+            zstd_level=_setting(cfg, "prepare.zstd_level", _zstd_level),
+            batch_docs=_setting(cfg, "prepare.pack.batch_docs", integer(1)),
+            encoder=_setting(cfg, "prepare.pack.encoder", choice(*BACKENDS)),  # a typo fails now, not in a worker
+            check_chars=int(_setting(cfg, "prepare.pack.check_kb", number(0)) * 1024),
+            overwrite=_setting(cfg, "prepare.overwrite", boolean),
+            normalize_default=normalize_default, record=record)
 
     @property
     def minhash(self) -> dict[str, Any]:
@@ -137,7 +238,7 @@ class Settings:
     @property
     def tokenizer_fold(self) -> bool:
         """Whether the saved tokenizer's own normalizer folds cedillas (prepare.normalize.default)."""
-        return bool(self.normalize_default.get("fold_cedilla", True))
+        return bool(self.normalize_default["fold_cedilla"])
 
 
 class Pipeline:
@@ -233,8 +334,7 @@ class Pipeline:
     def dedup(self, scan: dict[str, Any]) -> dict[str, Any]:
         start = cpu_clock()
         cfg = self.s.dedup
-        fp = fingerprint("dedup", self.store.fingerprint_of("scan"), cfg["exact"], cfg["near"],
-                         cfg.get("keep_priority"))
+        fp = fingerprint("dedup", self.store.fingerprint_of("scan"), cfg["exact"], cfg["near"], cfg["keep_priority"])
         status_path = self.s.work_dir / "dedup" / "status.npy"
         if (done := self._reuse("dedup", fp, lambda _: status_path.is_file())) is not None:
             self._time("dedup", start, 0, True)
@@ -243,7 +343,7 @@ class Pipeline:
         arrays = [dd.ShardArrays(prefix, n) for _, _, n, prefix in shards]
         n_total = sum(a.n_docs for a in arrays)
         # Which copy of a cluster survives: keep_priority order of sources, then document order.
-        priority = list(cfg.get("keep_priority") or [])
+        priority = list(cfg["keep_priority"] or [])
         order = priority + [n for n in self.s.sources if n not in priority]
         source_rank = np.concatenate([np.full(n, order.index(name), dtype=np.int64) for name, _, n, _ in shards]
                                      ) if shards else np.empty(0, np.int64)
@@ -319,7 +419,7 @@ class Pipeline:
             histograms[name] += np.bincount(tk.key_bucket(meta["sample"][train]),
                                             weights=meta["text_bytes"][train], minlength=1 << tk.KEY_BITS)
         budget = float(self.s.training["byte_budget_mb"]) * MiB
-        thresholds = tk.budget_thresholds(histograms, budget, self.s.training.get("source_shares"))
+        thresholds = tk.budget_thresholds(histograms, budget, self.s.training["source_shares"])
         taken = {name: float(h[: thresholds[name] + 1].sum()) for name, h in histograms.items()}
         return thresholds, taken
 
@@ -393,7 +493,7 @@ class Pipeline:
         folded = {name: [Normalizer.from_cfg(self.s.normalize[name]).fold(t) for t in texts]
                   for name, texts in heldout.items()}
         thresholds = tok["sample_thresholds"]
-        limit = float(self.s.report["train_mb"]) * MiB if self.s.report.get("train_mb") else None
+        limit = float(self.s.report["train_mb"]) * MiB if self.s.report["train_mb"] is not None else None
         vocab, min_freq = self.s.vocab_size, int(self.s.training["min_frequency"])
         this = tk.Tokenizer.from_file(str(self.s.prepared_dir / "tokenizer" / "tokenizer.json"))
         # (name, tokenizer, held-out text as that tokenizer is fed it, bytes it was trained on)
@@ -408,9 +508,7 @@ class Pipeline:
                       for t in self._sample_texts(scan, dedup, thresholds, fold=True, limit_bytes=limit))
             same = tk.train_bpe(sample, vocab, min_frequency=min_freq, fold=self.s.tokenizer_fold)
             rows.append((f"{self.s.tokenizer_name}, same sample", same, folded, sum(sizes_ref)))
-        for variant in self.s.report.get("variants") or []:
-            if variant not in ("no_fold", "unigram"):
-                raise LabError(f"prepare.report.variants: unknown variant {variant!r} (known: no_fold, unigram)")
+        for variant in self.s.report["variants"] or []:  # null: no variants
             fold = variant != "no_fold"
             sizes: list[int] = []
             with self._bar(f"report: {variant}", min(limit or sample_bytes, sample_bytes)) as bar:
@@ -462,7 +560,7 @@ class Pipeline:
         start = cpu_clock()
         dtype, seq_len = tok["dtype"], self.s.seq_len
         parts_fp = fingerprint("pack-parts", self.store.fingerprint_of("dedup"), tok["sha256"], dtype,
-                               {n: self.s.normalize[n].get("fold_cedilla", True) for n in self.s.sources})
+                               {n: self.s.normalize[n]["fold_cedilla"] for n in self.s.sources})
         fp = fingerprint("pack", parts_fp, seq_len)
 
         def outputs_ok(done: dict[str, Any]) -> bool:
@@ -529,7 +627,7 @@ class Pipeline:
                     totals[part["source"]][split]["text_bytes"] += part[split]["text_bytes"]
                     bar.update(part[split]["text_bytes"])
                 parts[part["source"]].append(part["index"])
-                check = part.get("encoder", {"backend": "tokenizers", "checked_chars": 0, "mismatched_shards": 0})
+                check = part["encoder"]
                 encoder["backends"][check["backend"]] += 1
                 encoder["checked_chars"] += check["checked_chars"]
                 encoder["mismatched_shards"] += check["mismatched_shards"]
@@ -569,7 +667,8 @@ class Pipeline:
             "tokenizer_report": {"fertility": fertility, "comparison": report["comparison"],
                                  "sample_bytes": tok["sample_bytes"]},
             "dedup": {k: dedup[k] for k in ("docs", "bands", "rows", "candidate_pairs", "verified_pairs")},
-            # Shards per tokenize backend (lab/data/encode.py) and its check against `tokenizers`.
+            # Shards per tokenize backend (lab/data/encode.py) and its check against `tokenizers` (a pack step
+            # reused from a version that did not record it has none).
             "pack_encoder": packed.get("encoder", {}),
             "steps": {step: self.store.fingerprint_of(step)
                       for step in ("scan", "dedup", "tokenizer", "report", "pack")},
@@ -619,7 +718,7 @@ class Pipeline:
 def prepare(cfg: DictConfig) -> Path:
     """Prepare the data of a composed conf/prepare.yaml config; returns data.prepared_dir."""
     settings = Settings.from_cfg(cfg)
-    _refuse_other_corpus(settings, overwrite=bool(cfg.prepare.get("overwrite", False)))
+    _refuse_other_corpus(settings)
     published = settings.prepared_dir
     try:
         with run_lock(publish.lock_path(published), published):
@@ -665,10 +764,10 @@ def _report_outcome(settings: Settings, manifest: dict[str, Any]) -> None:
                        f"{'; check ' + hints if hints else ''}")
 
 
-def _refuse_other_corpus(settings: Settings, overwrite: bool) -> None:
+def _refuse_other_corpus(settings: Settings) -> None:
     """Prepared data named for one corpus must not be silently replaced by another's."""
     existing = settings.prepared_dir / "manifest.json"
-    if overwrite or not existing.is_file():
+    if settings.overwrite or not existing.is_file():
         return
     try:
         recorded = json.loads(existing.read_text()).get("sources", {})

@@ -103,7 +103,7 @@ def budget_thresholds(histograms: dict[str, np.ndarray], budget_bytes: float,
         filled = np.cumsum(hist)
         return int(min(np.searchsorted(filled, budget), len(hist) - 1))
 
-    if shares:
+    if shares:  # a source that `shares` leaves out contributes nothing (prepare.tokenizer_training.source_shares)
         return {name: cut(hist, budget_bytes * float(shares.get(name, 0.0))) for name, hist in histograms.items()}
     bucket = cut(sum(histograms.values()), budget_bytes) if histograms else -1
     return {name: bucket for name in histograms}
