@@ -31,14 +31,14 @@ import torch
 from omegaconf import DictConfig
 
 from lab import LabError, run_or_exit
-from lab.command_settings import settings_for
+from lab.command_settings import EvaluateSettings, settings_for
 from lab.evaluation import Report, evaluate
 from lab.model_io import (default_output_dir, dtype_name, load_model, read_index, resolve_device, resolve_dtype,
                           resolve_source, weight_bytes)
 from lab.quantization import VARIANTS, quantize, quantize_model
 
 if TYPE_CHECKING:
-    from lab.command_settings import Bench, EvaluateSettings, QuantizeSettings
+    from lab.command_settings import Bench, QuantizeSettings
 from lab.tables import markdown_table
 
 log = logging.getLogger("lab.bench_eval")
@@ -172,9 +172,7 @@ def bench_and_judge(settings: "EvaluateSettings") -> dict:
 
 @hydra.main(config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from lab.evaluate import settings_in_run_folder
-
-    run_or_exit(lambda composed: bench_and_judge(settings_in_run_folder(composed)), cfg, log)
+    run_or_exit(lambda composed: bench_and_judge(EvaluateSettings.in_run_folder(composed)), cfg, log)
 
 
 if __name__ == "__main__":

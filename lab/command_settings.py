@@ -168,6 +168,16 @@ class EvaluateSettings(RunSelectionSettings):
     def from_config(cls, cfg: Any) -> "EvaluateSettings":
         return cls.parse(cfg, "")
 
+    @classmethod
+    def in_run_folder(cls, cfg: Any) -> "EvaluateSettings":
+        """Parsed inside a Hydra job (lab.evaluate, lab.bench_eval): output_dir=null means the job's run folder."""
+        from hydra.core.hydra_config import HydraConfig
+
+        settings = cls.from_config(cfg)
+        if settings.output_dir is None:
+            settings = dataclasses.replace(settings, output_dir=HydraConfig.get().runtime.output_dir)
+        return settings
+
 
 SETTINGS: dict[str, Any] = {"generate": GenerateSettings, "quantize": QuantizeSettings, "evaluate": EvaluateSettings}
 

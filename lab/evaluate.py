@@ -41,11 +41,9 @@ them beside the training figures. Metric names (v = variant, s = source, t = tex
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lab import run_or_exit
@@ -55,17 +53,9 @@ from lab.evaluation import evaluate_command
 log = logging.getLogger("lab.evaluate")
 
 
-def settings_in_run_folder(cfg: DictConfig) -> "EvaluateSettings":
-    """The parsed settings, with output_dir=null meaning this Hydra run folder."""
-    settings = EvaluateSettings.from_config(cfg)
-    if settings.output_dir is None:
-        settings = dataclasses.replace(settings, output_dir=HydraConfig.get().runtime.output_dir)
-    return settings
-
-
 @hydra.main(config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    run_or_exit(lambda composed: evaluate_command(settings_in_run_folder(composed)), cfg, log)
+    run_or_exit(lambda composed: evaluate_command(EvaluateSettings.in_run_folder(composed)), cfg, log)
 
 
 if __name__ == "__main__":

@@ -323,3 +323,18 @@ def test_texts_with_the_same_stem_get_distinct_metric_names():
     with pytest.raises(LabError, match="distinct file names"):
         metric_names(["a/x.txt", "b/x.txt"], "texts")
     assert metric_names([], "tasks") == []
+
+
+def test_cli_writes_eval_json_into_the_hydra_run_folder(tiny_runs, tmp_path):
+    import subprocess
+    import sys
+
+    run_dir = tiny_runs["llama_gqa"]
+    result = subprocess.run([sys.executable, "-m", "lab.evaluate", f"model_path={run_dir / 'hf'}", "device=cpu",
+                             "max_blocks=2", "efficiency.enabled=false", "mlflow.enabled=false", "tasks=[]",
+                             f"quantized_dir={tmp_path / 'none'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                            capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=180)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "hydra" / "eval.json").read_text())   # output_dir=null: the run folder
+    assert list(saved["variants"]) == ["fp32"] and saved["variants"]["fp32"]["metrics"]["val/web/ppl"] > 1
+    assert (tmp_path / "hydra" / "eval.md").read_text().startswith("| variant |")
