@@ -128,7 +128,7 @@ def build_config(arch: Mapping[str, Any] | DictConfig, size: Mapping[str, Any] |
     check_arch_keys(arch)
     node = apply_size(arch, size)
     if size and size.get("target_params") is not None:
-        from lab.sizing import match_size  # lab.sizing builds on this module
+        from lab.size_matching import match_size  # it builds on this module
 
         # depth/width (or state/expand) moved to land within ±1% of the target, the preset's shape kept
         node = match_size(node, float(size["target_params"]), basis=size.get("target_basis") or "total").node
@@ -257,7 +257,7 @@ def config_from_record(arch: Any, size: Any = None, overrides: Any = None, where
 def check_size_knobs(size: Mapping[str, Any], where: str) -> None:
     """The preset knobs that are not config fields, bounded: a crafted target_params would keep lab.sizing's shape
     search busy for hours, a huge min_layers would build a giant model."""
-    from lab.sizing import BASES
+    from lab.size_matching import BASES
 
     def number(key: str, low: float, high: float, integer: bool = False) -> None:
         value = size.get(key)

@@ -25,7 +25,8 @@ from lab.tables import markdown_table
 
 if TYPE_CHECKING:
     from lab.run_records import RunData
-    from lab.study import Outcome, Plan
+    from lab.study_plan import Plan
+    from lab.study_steps import Outcome
     from lab.tables import Column, Row
 
 log = logging.getLogger("lab.report")
@@ -191,7 +192,7 @@ def study_data(plan: "Plan") -> tuple[Any, list["RunData"], list["Column"], list
 
 
 def reproduce_block(plan: "Plan", data: Sequence["RunData"]) -> list[Block]:
-    from lab.study import train_command
+    from lab.study_plan import train_command
 
     tags = data[0].run.data.tags if data else {}
     facts = [["git sha", tags.get("git_sha", tags.get("mlflow.source.git.commit", "?"))],

@@ -17,7 +17,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from lab import PROJECT_ROOT, LabError
-from lab import launch as _launch  # noqa: F401 - registers the launcher configs' resolvers
+from lab import launchers as _launchers  # noqa: F401 - registers the launcher configs' resolvers
 
 MLFLOW_DIR = PROJECT_ROOT / "mlflow"
 # MLflow caps one param value at 6000 characters.

@@ -23,7 +23,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from lab import CONF_DIR, PROJECT_ROOT, LabError
-from lab.launch import job_gpu
+from lab.launchers import job_gpu
 from lab.tracking import artifact_location, get_or_create_experiment, tracking_uri
 from tests.conftest import ARCHS, tiny_train_overrides
 
@@ -257,7 +257,7 @@ def postgres():
 
 SWEEP_WORKER = """
 import sys, optuna
-from lab.launch import init_storage
+from lab.launchers import init_storage
 storage, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 init_storage(storage)  # as make sweep-worker does: both workers meet an empty database at once
 study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True)

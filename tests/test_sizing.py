@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from lab import LabError
 from lab.models import apply_size, build_config, build_model, count_params, count_params_meta
-from lab.sizing import match_size
+from lab.size_matching import match_size
 from lab.sizing import main as sizing_main
 from tests.conftest import ARCHS, compose_config
 

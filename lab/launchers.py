@@ -1,0 +1,100 @@
+"""What the Hydra launchers need from the lab: the OmegaConf resolver of conf/hydra/launcher/local_parallel.yaml
+(one GPU per job; registered on import: lab/tracking.py imports this module, so every entry point that composes
+conf/ has it), the callback that lets submitit pickle the task, and the one-time setup of a shared Optuna
+database for sweep workers (its command: lab/launch.py)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import random
+import sys
+import time
+import types
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from lab import LabError
+
+log = logging.getLogger(__name__)
+
+
+def job_gpu(job_num: int | str, gpu_count: int | str) -> str:
+    """The one GPU (CUDA_VISIBLE_DEVICES) of local multirun job `job_num`: round robin over `gpu_count`."""
+    try:
+        count, num = int(gpu_count), int(job_num)
+    except (TypeError, ValueError):
+        raise LabError(f"GPUS={gpu_count!r}: expected the number of GPUs of this machine (e.g. GPUS=8)") from None
+    if count < 1 or num < 0:
+        raise LabError(f"GPUS={gpu_count!r}: expected a positive number of GPUs (e.g. GPUS=8)")
+    return str(num % count)
+
+
+if not OmegaConf.has_resolver("lab.job_gpu"):
+    OmegaConf.register_resolver("lab.job_gpu", job_gpu, annotation_validation="off")
+
+
+_TASK_PREFIX = "hydra_task__"
+
+
+class ImportableTask(Callback):
+    """Lets submitit's launchers pickle the task of `python -m lab.train -m ...` by reference.
+
+    The task function lives in `__main__` there, so cloudpickle would copy it by value with everything it
+    reaches, and fails on torch's module objects (`cannot pickle 'CudnnModule'`). Before the sweep, the task is
+    renamed to an attribute of this module that names its real module (`hydra_task__lab__train__main`); the job
+    process resolves that name by importing lab.train (module __getattr__ below). Only lab.* modules qualify.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        main_module = sys.modules.get("__main__")
+        spec = getattr(main_module, "__spec__", None)
+        if spec is None or not spec.name.startswith("lab."):
+            return
+        for value in list(vars(main_module).values()):
+            task = getattr(value, "__wrapped__", None)  # hydra.main's wrapper keeps the task here
+            if isinstance(task, types.FunctionType) and task.__module__ == "__main__":
+                name = _TASK_PREFIX + "__".join([*spec.name.split("."), task.__name__])
+                task.__module__, task.__qualname__ = __name__, name
+                globals()[name] = task
+
+
+def __getattr__(name: str) -> Any:
+    """`hydra_task__lab__train__main` -> the undecorated task function `main` of lab.train (see ImportableTask)."""
+    if name.startswith(_TASK_PREFIX):
+        *module_parts, function = name.removeprefix(_TASK_PREFIX).split("__")
+        if module_parts and module_parts[0] == "lab" and all(part.isidentifier() for part in module_parts):
+            task = getattr(importlib.import_module(".".join(module_parts)), function, None)
+            task = getattr(task, "__wrapped__", None)
+            if isinstance(task, types.FunctionType):
+                task.__module__, task.__qualname__ = __name__, name
+                globals()[name] = task
+                return task
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def init_storage(url: str, attempts: int = 5) -> None:
+    """Create Optuna's tables in a fresh database. Workers that start at once on an empty PostgreSQL race to
+    create them (one gets a unique-violation on its CREATE TYPE); the loser retries and finds them made."""
+    import optuna
+    import sqlalchemy.exc
+
+    if not url.startswith(("postgresql", "mysql", "sqlite:")):
+        raise LabError(f"STORAGE={url!r}: expected a database URL such as postgresql+psycopg://user@host:5432/db")
+    if url.startswith("postgresql://"):
+        raise LabError(f"STORAGE={url!r}: name the driver: postgresql+psycopg://... (psycopg 3 is the one installed)")
+    for attempt in range(1, attempts + 1):
+        try:
+            optuna.storages.RDBStorage(url)
+            return
+        except sqlalchemy.exc.ArgumentError as err:
+            raise LabError(f"STORAGE={url!r}: not a database URL ({err})") from None
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == attempts:
+                raise
+            time.sleep(0.2 + random.random())  # another worker is creating the tables: let it finish
+        except sqlalchemy.exc.OperationalError as err:
+            reason = str(err.orig).strip().splitlines()[0] if err.orig else "cannot connect"
+            raise LabError(f"STORAGE={url!r}: cannot reach the database ({reason}); is the server up?") from None
