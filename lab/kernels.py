@@ -1,7 +1,7 @@
 """Fast paths for training on a GPU, each chosen from the model's config and the device, each with a
 fallback that is what a CPU machine runs (and what the tests check is chosen there).
 
-    select_attention(config, device) -> str          attn_implementation to build/set the model with
+    attention_choice(config, device) -> AttentionChoice   attn_implementation to build/set the model with, and why
     apply_fast_paths(model, device)  -> FastPaths    sets it, plus the SDPA fixes below; a report to log
     causal_lm_loss(model, input_ids, chunk_size)     next-token loss, the LM head optionally chunked
     ssm_fast_path(model)             -> FastPath     whether the model's SSM mixers run fused kernels
@@ -101,11 +101,6 @@ def attention_choice(config: PretrainedConfig, device: torch.device | str) -> At
     if fallback == EAGER:
         return AttentionChoice(EAGER, False, f"{cls.__name__} does not support SDPA")
     return AttentionChoice(SDPA, True, "full causal attention: flash/cuDNN kernels via is_causal")
-
-
-def select_attention(config: PretrainedConfig, device: torch.device | str) -> str:
-    """attn_implementation for this config on this device: "sdpa", "flex_attention" or "eager"."""
-    return attention_choice(config, device).implementation
 
 
 def set_attention(model: PreTrainedModel, implementation: str) -> None:

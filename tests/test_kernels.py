@@ -21,7 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from lab import LabError
 from lab import kernels
 from lab.kernels import (FLEX, SDPA, apply_fast_paths, attention_choice, causal_lm_loss, chunked_linear_cross_entropy,
-                         kernel_bindings, select_attention, ssm_fast_path)
+                         kernel_bindings, ssm_fast_path)
 from lab.models import build_model
 from test_flops import ARCHS, TINY_SEQ, TINY_VOCAB, arch_config
 
@@ -43,16 +43,16 @@ def tokens(batch: int = 2, seq: int = TINY_SEQ, seed: int = 1) -> torch.Tensor:
     ("llama_gqa", SDPA, SDPA), ("llama_mha", SDPA, SDPA), ("falcon_mqa", SDPA, SDPA),
     ("mistral_swa", SDPA, FLEX), ("mamba2", "eager", "eager"),
 ])
-def test_select_attention_per_device(arch, on_cpu, on_cuda):
+def test_attention_choice_per_device(arch, on_cpu, on_cuda):
     config = arch_config(arch)
-    assert select_attention(config, "cpu") == on_cpu
-    assert select_attention(config, torch.device("cuda")) == on_cuda  # a decision, no GPU needed
+    assert attention_choice(config, "cpu").implementation == on_cpu
+    assert attention_choice(config, torch.device("cuda")).implementation == on_cuda  # a decision, no GPU needed
 
 
 def test_window_falls_back_to_sdpa_without_flex(monkeypatch):
     config = arch_config("mistral_swa")
     monkeypatch.setattr(kernels, "flex_available", lambda device: False)
-    assert select_attention(config, "cuda") == SDPA
+    assert attention_choice(config, "cuda").implementation == SDPA
     monkeypatch.undo()
     monkeypatch.setattr(MistralForCausalLM, "_supports_flex_attn", False)
     choice = attention_choice(config, "cuda")
