@@ -79,7 +79,6 @@ sweep: setup ## Optuna learning-rate sweep of one arch: make sweep ARCH=mamba2 [
 
 sweep-worker: setup ## one worker of a shared Optuna study: make sweep-worker STORAGE=postgresql+psycopg://... ARCH=mamba2
 	@test -n "$(STORAGE)" || { echo "error: STORAGE is empty; give STORAGE=postgresql+psycopg://user@host:5432/db (the study's shared database)"; exit 1; }
-	$(PY) -m lab.launch init-storage '$(STORAGE)'
 	$(PY) -m lab.train -m sweep=lr arch=$(ARCH) 'hydra.sweeper.storage=$(STORAGE)' hydra.sweeper.n_jobs=1 $(ARGS)
 
 bakeoff: setup ## five archs x seeds, one MLflow experiment: make bakeoff [BAKEOFF=arch_bakeoff_tiny] [LAUNCHER=local_parallel GPUS=8]

@@ -1,7 +1,7 @@
 """What the Hydra launchers need from the lab: the OmegaConf resolver of conf/hydra/launcher/local_parallel.yaml
 (one GPU per job; registered on import: lab/tracking.py imports this module, so every entry point that composes
-conf/ has it), the callback that lets submitit pickle the task, and the one-time setup of a shared Optuna
-database for sweep workers (its command: lab/launch.py)."""
+conf/ has it), the callback that lets submitit pickle the task, and the setup of a shared Optuna database for
+sweep workers, run by every sweep before it starts (OptunaStorageReady) and as a command (lab/launch.py)."""
 
 from __future__ import annotations
 
@@ -73,6 +73,19 @@ def __getattr__(name: str) -> Any:
                 globals()[name] = task
                 return task
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class OptunaStorageReady(Callback):
+    """Creates the Optuna sweeper's tables before its sweep starts (conf/sweep/lr.yaml `hydra.callbacks`).
+
+    The sweeper creates them itself on first use, but two workers started at the same moment on an empty shared
+    database race to do so and one dies; here the loser retries (init_storage), so bare `lab.train -m sweep=lr`
+    workers can start together on any host."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
+        if isinstance(storage, str) and storage:  # null: Optuna's in-memory storage, nothing to create
+            init_storage(storage)
 
 
 def init_storage(url: str, attempts: int = 5) -> None:

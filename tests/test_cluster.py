@@ -290,9 +290,9 @@ def test_lab_train_sweep_workers_on_postgres(postgres, prepared_sample, tmp_path
     common = ["-m", "sweep=lr", "experiment=demo", "arch=llama_gqa", f"hydra.sweeper.storage={postgres}",
               "hydra.sweeper.study_name=pg-lr", "hydra.sweeper.n_jobs=1", "hydra.sweeper.n_trials=2",
               *tiny_train_overrides(prepared_sample)]
-    # each worker as `make sweep-worker` runs it: init-storage (both at once on an empty database), then the sweep
-    workers = [subprocess.Popen(["bash", "-c", shlex.join([PY, "-m", "lab.launch", "init-storage", postgres]) + " && "
-                                 + shlex.join([PY, "-m", "lab.train", *common, f"hydra.sweep.dir={tmp_path / f'w{i}'}"])],
+    # each worker as `make sweep-worker` runs it, both at the same moment on an empty database: the sweep's
+    # OptunaStorageReady callback creates the tables first, the worker that loses that race retries
+    workers = [subprocess.Popen([PY, "-m", "lab.train", *common, f"hydra.sweep.dir={tmp_path / f'w{i}'}"],
                                 cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for i in range(2)]
     for worker in workers:
