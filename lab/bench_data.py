@@ -30,8 +30,10 @@ import numpy as np
 import psutil
 
 from lab import PROJECT_ROOT, LabError, report_error
+from lab.compose import compose_config
 from lab.data.manifest import summary_table
 from lab.data.parallel import resolve_workers
+from lab.data.pipeline import Settings
 from lab.data.tokenizer import format_report
 from lab.units import GiB, MiB
 
@@ -133,21 +135,22 @@ def corpus_bytes(web: Path, books: Path) -> int:
     return web.stat().st_size + sum(p.stat().st_size for p in books.rglob("*.txt"))
 
 
-def index_cost_per_doc(n_docs: int = 20_000, num_perm: int = 128) -> dict[str, float]:
-    """Bytes per document of the near-duplicate index: datasketch MinHashLSH vs our band arrays."""
+def index_cost_per_doc(minhash: dict[str, Any], n_docs: int = 20_000) -> dict[str, float]:
+    """Bytes per document of the near-duplicate index at the `minhash` settings (prepare.dedup): datasketch
+    MinHashLSH vs our band arrays."""
     import tracemalloc
 
     from datasketch import LeanMinHash, MinHashLSH
 
     from lab.data.dedup import MinHasher, ShardArrays, deduplicate
 
+    hasher = MinHasher(**minhash)
     rng = np.random.default_rng(0)
-    signatures = rng.integers(0, 1 << 32, size=(n_docs, num_perm), dtype=np.uint64).astype(np.uint32)
-    hasher = MinHasher(num_perm=num_perm, threshold=0.8)
+    signatures = rng.integers(0, 1 << 32, size=(n_docs, hasher.num_perm), dtype=np.uint64).astype(np.uint32)
     # datasketch: the index as it would be held for the whole corpus
-    lsh = MinHashLSH(threshold=0.8, num_perm=num_perm, weights=(1 - hasher.false_negative_weight,
-                                                                hasher.false_negative_weight))
-    sketches = [LeanMinHash(seed=1, hashvalues=s, scheme="affine32") for s in signatures[:n_docs]]
+    lsh = MinHashLSH(threshold=hasher.threshold, num_perm=hasher.num_perm,
+                     weights=(1 - hasher.false_negative_weight, hasher.false_negative_weight))
+    sketches = [LeanMinHash(seed=hasher.seed, hashvalues=s, scheme="affine32") for s in signatures[:n_docs]]
     tracemalloc.start()
     for i, sketch in enumerate(sketches):
         lsh.insert(i, sketch)
@@ -165,11 +168,11 @@ def index_cost_per_doc(n_docs: int = 20_000, num_perm: int = 128) -> dict[str, f
             shards.append(ShardArrays(prefix, len(part)))
         rank = np.arange(n_docs, dtype=np.int64)
         tracemalloc.start()
-        deduplicate(shards, rank, exact=True, near=True, threshold=0.8, n_bands=hasher.bands)
+        deduplicate(shards, rank, exact=True, near=True, threshold=hasher.threshold, n_bands=hasher.bands)
         ours_peak = tracemalloc.get_traced_memory()[1] + rank.nbytes
         tracemalloc.stop()
     return {"datasketch_B_per_doc": datasketch_bytes / n_docs, "ours_B_per_doc": ours_peak / n_docs,
-            "bands": hasher.bands, "rows": hasher.rows}
+            "bands": hasher.bands, "rows": hasher.rows, "num_perm": hasher.num_perm}
 
 
 def step_table(result: dict[str, Any], total_bytes: int) -> list[str]:
@@ -227,8 +230,11 @@ def benchmark(argv: list[str] | None = None) -> None:
     if not web.is_file() or not books.is_dir():
         raise LabError(f"{corpus} must hold web.jsonl and books/ (--corpus names the corpus folder)")
     workers = resolve_workers(args.workers)
-    base = [f"prepare.workers={workers}", f"prepare.batch_mb={args.batch_mb}", f"tokenizer.vocab_size={args.vocab}",
-            f"data.seq_len={args.seq_len}", *args.overrides]
+    # --vocab / --seq-len left out: the config's own tokenizer.vocab_size and data.seq_len
+    sizes = [*([f"tokenizer.vocab_size={args.vocab}"] if args.vocab is not None else []),
+             *([f"data.seq_len={args.seq_len}"] if args.seq_len is not None else [])]
+    base = [f"prepare.workers={workers}", f"prepare.batch_mb={args.batch_mb}", *sizes, *args.overrides]
+    settings = Settings.from_cfg(compose_config("prepare", base))  # what every run reads: a bad override fails here
     report: dict[str, Any] = {"corpus": str(corpus), "workers": workers, "cpu_count": os.cpu_count(),
                               "load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp_dir:
@@ -241,13 +247,14 @@ def benchmark(argv: list[str] | None = None) -> None:
         print(f"load average {_load()} after the main run")
         report["load_average"] = {"before": report.get("load_before"), "after": os.getloadavg()}
         report["main"] = print_main_run(main_run, total)
-        report["projection_20GB_16cores_min"] = print_projection(main_run["timings"], total)  # key kept: 20 GiB
+        report["projection_20GB_16cores_min"] = print_projection(main_run["timings"], total,  # key kept: 20 GiB
+                                                                 settings)
         if not args.skip_flat:
             report["flat"] = flat_memory(args, corpus, tmp, base)
-        cost = index_cost_per_doc()
-        print(f"\nnear-duplicate index, bytes per document ({cost['bands']} bands x {cost['rows']} rows, 128 perms): "
-              f"datasketch MinHashLSH {cost['datasketch_B_per_doc']:.0f} B, ours (dedup step peak) "
-              f"{cost['ours_B_per_doc']:.0f} B")
+        cost = index_cost_per_doc(settings.minhash)
+        print(f"\nnear-duplicate index, bytes per document ({cost['bands']} bands x {cost['rows']} rows, "
+              f"{cost['num_perm']} perms): datasketch MinHashLSH {cost['datasketch_B_per_doc']:.0f} B, ours (dedup "
+              f"step peak) {cost['ours_B_per_doc']:.0f} B")
         report["index_cost"] = cost
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -258,10 +265,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--corpus", type=Path, required=True, help="folder with web.jsonl and books/")
     parser.add_argument("--replicate", type=int, default=10, help="copies of the corpus for the flat-memory check")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: every core)")
-    parser.add_argument("--vocab", type=int, default=40_000)
+    parser.add_argument("--vocab", type=int, help="tokenizer.vocab_size (default: the config's)")
     parser.add_argument("--batch-mb", type=float, default=4, help="scan shard size in MiB (small corpora need "
                         "small shards to use every worker)")
-    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, help="data.seq_len (default: the config's)")
     parser.add_argument("--flat-budget-mb", type=float, default=16,
                         help="tokenizer sample in MiB in the flat-memory runs (fixed, so its memory is too)")
     parser.add_argument("--skip-flat", action="store_true", help="only the main run")
@@ -285,20 +292,23 @@ def print_main_run(main_run: dict[str, Any], total: int) -> dict[str, Any]:
     return {**record, "tokens": tokens, "bytes": total}
 
 
-def print_projection(t: dict[str, Any], total: int) -> dict[str, Any]:
+def print_projection(t: dict[str, Any], total: int, settings: Settings) -> dict[str, Any]:
     """Minutes for 20 GiB on 16 cores. The streaming steps scale with cores (per-core rate from CPU time);
-    tokenizer training is a fixed byte budget (Rust threads; its rate here is per core as well)."""
+    tokenizer training is the configured byte budget (Rust threads; its rate here is per core as well)."""
     streaming_cpu = sum(t[s]["cpu_seconds"] for s in ("scan", "dedup", "pack"))
     per_core = total / MiB / streaming_cpu
-    target_mib, target_cores, budget_mib = 20 * GiB / MiB, 16, 1024  # budget: byte_budget_mb's default
+    target_mib, target_cores = 20 * GiB / MiB, 16
+    budget_mib = settings.training["byte_budget_mb"]
+    # each report variant, and this config retrained on the variants' sample, trains on train_mb (null: the budget)
+    variant_mib = min(budget_mib, settings.report["train_mb"] or budget_mib)
     tok_rate = t["tokenizer"]["bytes"] / MiB / max(1e-9, t["tokenizer"]["cpu_seconds"])
     streaming_min = target_mib / (per_core * target_cores) / 60
     tok_min = budget_mib / (tok_rate * target_cores) / 60
     tok_one_core = budget_mib / tok_rate / 60
     print(f"projection, 20 GiB on 16 cores: scan+dedup+pack at {per_core:.2f} MiB/s/core -> {streaming_min:.0f} min; "
-          f"tokenizer training on the default {budget_mib} MiB budget at {tok_rate:.2f} MiB/s/core -> between "
+          f"tokenizer training on the configured {budget_mib:g} MiB budget at {tok_rate:.2f} MiB/s/core -> between "
           f"{tok_min:.0f} min (16 cores) and {tok_one_core:.0f} min (1 core: its merge loop is serial); the "
-          f"report's variants (256 MiB each) add ~{2 * 256 / tok_rate / 60:.0f} min at most")
+          f"report's variants ({variant_mib:g} MiB each) add ~{2 * variant_mib / tok_rate / 60:.0f} min at most")
     return {"streaming": streaming_min, "tokenizer": [tok_min, tok_one_core]}
 
 

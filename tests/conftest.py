@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from lab import PROJECT_ROOT
 from lab.compose import compose_config  # the tests' way to compose conf/
+
+if TYPE_CHECKING:
+    from lab.data.pipeline import Settings
 
 ARCHS = ["llama_gqa", "mistral_swa", "falcon_mqa", "mamba2", "llama_mha"]
 SAMPLE_DIR = PROJECT_ROOT / "data" / "sample"
@@ -23,6 +28,16 @@ def _tiny_data() -> list[str]:
 
 # The test-sized data; training runs shrink with debug=fast, which extends the same base.
 TINY_DATA = _tiny_data()
+
+
+@functools.lru_cache(maxsize=None)
+def shipped_prepare_settings() -> Settings:
+    """conf/prepare.yaml as lab.prepare reads it. Tests build the data pipeline's parts (SourceSpec, Normalizer,
+    MinHasher, ...) from it as the pipeline does, so they run at the shipped settings (the code has no defaults).
+    Shared: copy before changing any of it."""
+    from lab.data.pipeline import Settings
+
+    return Settings.from_cfg(compose_config("prepare", []))
 
 
 @pytest.fixture(autouse=True)

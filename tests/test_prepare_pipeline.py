@@ -136,17 +136,18 @@ def test_sample_run_logs_to_an_active_mlflow_run(sample, tmp_path):
 # --- leakage, bad input, errors ----------------------------------------------------------------------
 
 def test_near_duplicates_never_straddle_train_and_val(tmp_path):
+    (tmp_path / "books").mkdir()
+    cfg, _ = compose(tmp_path, tmp_path / "web.jsonl", tmp_path / "books", "data.sources.web.val_fraction=0.3")
+    salt = cfg.prepare.split.salt  # the split this run draws
     rng = random.Random(0)
     lines, straddling = [], 0
     for i in range(60):
         doc = ro_doc(rng)
         twin = doc.replace(doc.split()[50], "schimbat", 1)  # one word differs: Jaccard ~0.9
         lines += [{"id": f"a{i}", "text": doc}, {"id": f"b{i}", "text": twin}]
-        straddling += assign_split("web", f"a{i}", 0.3) != assign_split("web", f"b{i}", 0.3)
+        straddling += assign_split("web", f"a{i}", 0.3, salt) != assign_split("web", f"b{i}", 0.3, salt)
     assert straddling >= 5  # the test means something
     (tmp_path / "web.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    (tmp_path / "books").mkdir()
-    cfg, _ = compose(tmp_path, tmp_path / "web.jsonl", tmp_path / "books", "data.sources.web.val_fraction=0.3")
     prepared = prepare(cfg)
     manifest = json.loads((prepared / "manifest.json").read_text())
     assert manifest["sources"]["web"]["docs_duplicate"] == 60
@@ -361,7 +362,7 @@ def test_progress_off_a_terminal_logs_to_the_given_logger(caplog, monkeypatch):
 
     monkeypatch.setattr(progress, "sys", SimpleNamespace(stderr=SimpleNamespace(isatty=lambda: False)))
     caplog.set_level(logging.INFO, logger="lab.prepare")
-    bar = progress_bar("scan", 2 * MiB, logger=logging.getLogger("lab.prepare"))
+    bar = progress_bar("scan", 2 * MiB, enabled=True, logger=logging.getLogger("lab.prepare"))
     assert isinstance(bar, LogProgress)
     bar.every = 0
     bar.update(MiB)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import unicodedata
@@ -20,7 +21,7 @@ from lab.data.pack import concat_parts, pieces
 from lab.data.pipeline import Settings
 from lab.data.split import TRAIN, VAL, assign_split, sample_key
 from lab.data.tokenizer import budget_thresholds, save_pretrained, token_dtype, train_bpe
-from tests.conftest import compose_config
+from tests.conftest import compose_config, shipped_prepare_settings
 
 # A paragraph of ordinary Romanian prose that passes every default web rule.
 PROSE = ("Primăria a anunțat că lucrările de modernizare a străzii principale vor începe luna viitoare și vor "
@@ -30,11 +31,26 @@ PROSE = ("Primăria a anunțat că lucrările de modernizare a străzii principa
          "piste pentru biciclete și un sistem nou de iluminat public.")
 
 
-def web_filter() -> DocFilter:
-    from omegaconf import OmegaConf
+# The parts below are built from the shipped conf/prepare.yaml, as the pipeline builds them (tests.conftest).
 
-    conf = OmegaConf.load(Path(__file__).parents[1] / "conf" / "prepare.yaml")
-    return DocFilter.from_cfg(OmegaConf.to_container(conf.prepare.filters.default))
+def web_filter() -> DocFilter:
+    return DocFilter.from_cfg(shipped_prepare_settings().filters["web"])
+
+
+def normalizer(source: str, **changes: object) -> Normalizer:
+    """The shipped normalisation of `source` (web: prepare.normalize.default; books: with the book clean-up)."""
+    return Normalizer.from_cfg({**shipped_prepare_settings().normalize[source], **changes})
+
+
+def minhasher(**changes: object) -> dd.MinHasher:
+    """The shipped prepare.dedup MinHash settings, with `changes`."""
+    return dd.MinHasher(**{**shipped_prepare_settings().minhash, **changes})
+
+
+def shipped_bpe(texts, vocab_size: int):
+    """train_bpe as lab.prepare calls it (prepare.tokenizer_training.min_frequency, the cedilla fold of the default)."""
+    settings = shipped_prepare_settings()
+    return train_bpe(texts, vocab_size, min_frequency=settings.training["min_frequency"], fold=settings.tokenizer_fold)
 
 
 # --- normalisation ---------------------------------------------------------------------------------
@@ -42,49 +58,60 @@ def web_filter() -> DocFilter:
 def test_nfc_and_cedilla_fold():
     nfd = unicodedata.normalize("NFD", "Ştiinţa şi ţara")  # s + U+0327 combining cedilla
     assert nfd != "Ştiinţa şi ţara"
-    text = Normalizer()(nfd)
+    text = normalizer("web")(nfd)
     assert text == "Ştiinţa şi ţara"  # composed; the fold is applied on read
-    assert Normalizer().fold(text) == "Știința și țara"
+    assert normalizer("web").fold(text) == "Știința și țara"
     assert fold_cedilla("ŞŢşţ") == "ȘȚșț"
-    assert Normalizer(fold_cedilla=False).fold("ş") == "ş"
+    assert normalizer("web", fold_cedilla=False).fold("ş") == "ş"
 
 
 def test_control_characters_and_whitespace():
     raw = "\ufeffUnu\x07 doi\u200b trei\r\npatru\u00a0\u00a0cinci\t\tşase  \n\n\n\nșapte\x0cpagină\u00adnouă  "
-    assert Normalizer()(raw) == "Unu doi trei\npatru cinci şase\n\nșapte\npaginănouă"
+    assert normalizer("web")(raw) == "Unu doi trei\npatru cinci şase\n\nșapte\npaginănouă"
 
 
-def _normalize_every_pass(normalizer: Normalizer, text: str) -> str:
+def test_a_normalizer_states_its_base_options_and_leaves_the_book_cleanup_off_unless_asked():
+    web = normalizer("web")
+    assert not (web.book_cleanup or web.running_headers) and web.header_min_repeats is None
+    assert normalizer("books").book_cleanup
+    base = dict(shipped_prepare_settings().normalize["web"])
+    del base["whitespace"]
+    with pytest.raises(LabError, match="prepare.normalize.whitespace is missing from the config"):
+        Normalizer.from_cfg(base)
+    with pytest.raises(LabError, match="prepare.normalize.header_min_repeats is missing"):
+        normalizer("web", running_headers=True)
+
+
+def _normalize_every_pass(norm: Normalizer, text: str) -> str:
     """The normalisation with every substitution run unconditionally (what the fast path must equal)."""
     from lab.data import normalize as nm
 
-    if normalizer.nfc:
+    if norm.nfc:
         text = unicodedata.normalize("NFC", text)
     text = nm._PARAGRAPH_SEP.sub("\n\n", nm._LINE_BREAKS.sub("\n", text))
-    if normalizer.strip_control:
+    if norm.strip_control:
         text = nm._CONTROL.sub("", text)
-    if normalizer.book_cleanup:
-        text = normalizer.clean_book(text)
-    if normalizer.whitespace:
+    if norm.book_cleanup:
+        text = norm.clean_book(text)
+    if norm.whitespace:
         text = nm._SPACES.sub(" ", text)
         text = nm._MANY_NEWLINES.sub("\n\n", nm._SPACE_AROUND_NEWLINE.sub("\n", text)).strip()
     return text
 
 
-@pytest.mark.parametrize("options", [{}, {"strip_control": False}, {"whitespace": False},
-                                     {"page_numbers": True, "running_headers": True, "dehyphenate": True,
-                                      "unwrap_lines": True}])
-def test_normalisation_skips_only_passes_that_change_nothing(options):
+@pytest.mark.parametrize("source, changes", [("web", {}), ("web", {"strip_control": False}),
+                                             ("web", {"whitespace": False}), ("books", {})])
+def test_normalisation_skips_only_passes_that_change_nothing(source, changes):
     import random
 
-    normalizer = Normalizer(**options)
+    norm = normalizer(source, **changes)
     rng = random.Random(7)
     alphabet = ["a", "ș", "Ş", "x y", " ", "  ", "\n", "\n\n\n", " \n", "\n ", "\t", "\r\n", "\r", "\x0c", "\x85",
                 "\u2028", "\u2029", "\x07", "\u00ad", "\u200b", "\ufeff", "\u00a0", "\u3000", "12", "-", ".",
                 "s\u0327", "Pagina 3", "TITLU"]
     for _ in range(400):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
-        assert normalizer(text) == _normalize_every_pass(normalizer, text), repr(text)
+        assert norm(text) == _normalize_every_pass(norm, text), repr(text)
 
 
 def test_book_cleanup_page_numbers_headers_hyphenation_and_wraps():
@@ -93,7 +120,7 @@ def test_book_cleanup_page_numbers_headers_hyphenation_and_wraps():
     book = (f"TITLUL CĂRȚII\n\n{body}\nun bătrân din Bâr-\n\n12\n\nTITLUL CĂRȚII\n\nsana mi-a spus că pe vremuri\n"
             f"poarta era mândria casei. Am mers într-\nun sat frumos și am văzut frumu-\nsețea locului.\n\n"
             + "\n\n".join(f"- {n} -\n\nTITLUL CĂRȚII\n\nAlt paragraf {n}." for n in range(13, 17)))
-    out = Normalizer(page_numbers=True, running_headers=True, dehyphenate=True, unwrap_lines=True)(book)
+    out = normalizer("books")(book)
     assert out.startswith("TITLUL CĂRȚII\n\n")  # the title page stays, the running headers go
     assert out.count("TITLUL CĂRȚII") == 1
     assert "12" not in out and "- 13 -" not in out
@@ -106,7 +133,7 @@ def test_book_cleanup_page_numbers_headers_hyphenation_and_wraps():
 def test_book_cleanup_keeps_verse_and_dialogue():
     verse = "A fost odată ca-n povești,\nA fost ca niciodată,\nDin rude mari împărătești,\nO prea frumoasă fată."
     dialogue = "— Unde te duci?\n— La moară, răspunse el."
-    norm = Normalizer(page_numbers=True, running_headers=True, dehyphenate=True, unwrap_lines=True)
+    norm = normalizer("books")
     assert norm(verse) == verse
     assert norm(dialogue) == dialogue
 
@@ -193,12 +220,12 @@ def test_batched_minhash_equals_datasketch():
 
     from lab.data.filters import NgramBatch
 
-    hasher = dd.MinHasher(num_perm=64, threshold=0.8, shingle_words=5, seed=1)
+    hasher = minhasher(num_perm=64)
     stats = [DocStats(t) for t in _mixed_docs(60) + [PROSE * 60]]  # a long one spans several blocks
-    for group in (stats, [s for s in stats if len(s.words) >= 5]):  # with and without short documents
+    for group in (stats, [s for s in stats if len(s.words) >= hasher.shingle_words]):  # with/without short docs
         got = hasher.batch_signatures(NgramBatch.of(group), group)
         for s, signature in zip(group, got):
-            reference = MinHash(num_perm=64, seed=1, scheme="affine32", hashfunc=int)
+            reference = MinHash(num_perm=hasher.num_perm, seed=hasher.seed, scheme="affine32", hashfunc=int)
             reference.update_batch(hasher.shingles(s))
             assert signature.tolist() == reference.hashvalues.tolist()
     # a worker rebuilds the hasher without datasketch from the main process' parameters
@@ -216,10 +243,12 @@ def test_filter_config_errors_and_disabling():
 # --- splitting --------------------------------------------------------------------------------------
 
 def test_split_is_deterministic_and_close_to_the_fraction():
-    splits = [assign_split("web", f"doc-{i}", 0.1) for i in range(5000)]
-    assert splits == [assign_split("web", f"doc-{i}", 0.1) for i in range(5000)]
+    salt = shipped_prepare_settings().split_salt
+    splits = [assign_split("web", f"doc-{i}", 0.1, salt) for i in range(5000)]
+    assert splits == [assign_split("web", f"doc-{i}", 0.1, salt) for i in range(5000)]
     assert 0.08 < splits.count(VAL) / len(splits) < 0.12
-    assert assign_split("web", "x", 0.0) == TRAIN
+    assert assign_split("web", "x", 0.0, salt) == TRAIN
+    assert splits != [assign_split("web", f"doc-{i}", 0.1, salt + "-other") for i in range(5000)]  # salt re-draws
     # the sample key is independent of the split key
     assert sample_key("web", "doc-1") != sample_key("books", "doc-1")
 
@@ -237,31 +266,36 @@ def _shard(tmp_path: Path, name: str, texts: list[str], hasher: dd.MinHasher) ->
 
 
 def test_exact_and_near_duplicates_within_and_across_sources(tmp_path):
-    hasher = dd.MinHasher(num_perm=128, threshold=0.8, shingle_words=5, seed=1)
+    hasher = minhasher()
     other = "Echipa națională de handbal a câștigat meciul de aseară după o repriză a doua foarte bună. " * 3
     near = PROSE.replace("trei luni", "patru luni")
     web = _shard(tmp_path, "web", [PROSE, other, PROSE, near], hasher)
     books = _shard(tmp_path, "books", [other + " Sfârșit."], hasher)
     # rank: books first (priority), then document order
     rank = np.array([10, 11, 12, 13, 0])
-    found = dd.deduplicate([web, books], rank, exact=True, near=True, threshold=0.8, n_bands=hasher.bands)
+    found = dd.deduplicate([web, books], rank, exact=True, near=True, threshold=hasher.threshold,
+                           n_bands=hasher.bands)
     assert found.status.tolist() == [dd.KEEP, dd.NEAR, dd.EXACT, dd.NEAR, dd.KEEP]
     assert found.duplicate_of == {1: 4, 2: 0, 3: 0}
 
 
 def test_dedup_switches(tmp_path):
-    hasher = dd.MinHasher(num_perm=64, threshold=0.8, shingle_words=5, seed=1)
+    hasher = minhasher(num_perm=64)
     shard = _shard(tmp_path, "w", [PROSE, PROSE, PROSE.replace("trei", "patru")], hasher)
-    only_exact = dd.deduplicate([shard], np.arange(3), exact=True, near=False, threshold=0.8, n_bands=hasher.bands)
+    only_exact = dd.deduplicate([shard], np.arange(3), exact=True, near=False, threshold=hasher.threshold,
+                                n_bands=hasher.bands)
     assert only_exact.status.tolist() == [dd.KEEP, dd.EXACT, dd.KEEP]
-    none = dd.deduplicate([shard], np.arange(3), exact=False, near=False, threshold=0.8, n_bands=hasher.bands)
+    none = dd.deduplicate([shard], np.arange(3), exact=False, near=False, threshold=hasher.threshold,
+                          n_bands=hasher.bands)
     assert none.status.tolist() == [0, 0, 0]
 
 
 # --- reading and bad input ---------------------------------------------------------------------------
 
 def _spec(path: Path, kind: str = "jsonl") -> SourceSpec:
-    return SourceSpec(name="web", kind=kind, path=path)
+    """The shipped source of that kind (web: jsonl, books: txt_dir), reading `path`."""
+    shipped = shipped_prepare_settings().sources
+    return dataclasses.replace(next(spec for spec in shipped.values() if spec.kind == kind), path=path)
 
 
 @pytest.mark.parametrize("line, reason", [
@@ -317,7 +351,7 @@ def test_token_dtype_boundary():
 
 def test_byte_level_bpe_round_trip_and_special_ids(tmp_path):
     corpus = [fold_cedilla(PROSE)] * 20
-    tokenizer = train_bpe(iter(corpus), 400)
+    tokenizer = shipped_bpe(iter(corpus), 400)
     assert tokenizer.token_to_id("<|endoftext|>") == 0 and tokenizer.token_to_id("<|pad|>") == 1
     # nothing maps to an unknown token; the tokenizer folds cedillas itself
     for text in ["Știința și țara", "emoji 😀, 中文, ελληνικά, \t tab", "x" * 3]:
@@ -356,7 +390,7 @@ def test_concat_parts_cuts_whole_blocks(tmp_path, dtype):
 def test_long_documents_are_encoded_in_pieces_with_identical_tokens():
     import random
 
-    tokenizer = train_bpe(iter([fold_cedilla(PROSE)] * 5), 300)
+    tokenizer = shipped_bpe(iter([fold_cedilla(PROSE)] * 5), 300)
     tokenizer.normalizer = None  # as in the pack workers
     rng = random.Random(0)
     alphabet = ["a", "b", "ș", " ", "  ", "\n", "\n\n", " \n", "\t", ".", ",", "'s", "1", "23", "😀", "—"]
@@ -374,7 +408,7 @@ EDGE_TEXTS = ["", " ", "\n\n\n", "a<|endoftext|>b", "<|pad|>", " <|endoftext|> "
 
 
 def _encoder_tokenizer(tmp_path: Path) -> Path:
-    tokenizer = train_bpe(iter([fold_cedilla(PROSE)] * 5 + EDGE_TEXTS), 400)
+    tokenizer = shipped_bpe(iter([fold_cedilla(PROSE)] * 5 + EDGE_TEXTS), 400)
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     return tmp_path / "tokenizer.json"
 

@@ -4,6 +4,7 @@ folder in whole, damaged or oddly encoded input, and the OS refusing a read or a
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import errno
 import gzip
 import json
@@ -28,7 +29,7 @@ from lab.data.publish import verify_prepared
 from lab.data.steps import run_lock
 from lab.data.manifest import Manifest
 from lab.data.pipeline import prepare as run
-from tests.conftest import compose_config, tiny_train_overrides
+from tests.conftest import compose_config, shipped_prepare_settings, tiny_train_overrides
 from tests.test_prepare_pipeline import bin_hashes, compose, ro_doc, write_corpus
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # root reads and writes through chmod: inject faults instead
@@ -317,9 +318,14 @@ def jsonl_lines(n: int, seed: int = 3) -> list[bytes]:
             for i in range(n)]
 
 
+def shipped_source(name: str, path: Path) -> SourceSpec:
+    """data.sources.<name> as conf/ ships it (fields, val_fraction), reading `path`."""
+    return dataclasses.replace(shipped_prepare_settings().sources[name], path=path)
+
+
 def read_source(path: Path) -> tuple[list, list]:
     """(documents as (id, text) or reason code, notes about the file) as the scan sees them."""
-    spec = SourceSpec("web", "jsonl", path)
+    spec = shipped_source("web", path)
     records = list(iter_source(spec, 1 << 20))
     docs = [parse_record(r, spec) for r in records if r.is_doc]
     return [d if isinstance(d, str) else (d.doc_id, d.text) for d in docs], [r.error for r in records if not r.is_doc]
@@ -491,7 +497,7 @@ def test_an_unlistable_source_folder_is_one_line(corpus, tmp_path, monkeypatch):
         hidden.chmod(0)
     try:
         with pytest.raises(LabError, match=rf"cannot list {hidden}: Permission denied"):
-            SourceSpec("books", "txt_dir", books).files()
+            shipped_source("books", books).files()
     finally:
         hidden.chmod(0o755)
 
@@ -506,7 +512,7 @@ def test_an_input_that_is_not_a_readable_file_is_one_line(tmp_path, odd):
     else:
         os.mkfifo(web / "b.jsonl.gz")  # reading it would wait forever
     with pytest.raises(LabError, match=rf"cannot read {web / 'b.jsonl.gz'}: "):
-        SourceSpec("web", "jsonl", web).files()
+        shipped_source("web", web).files()
 
 
 def test_the_command_line_reports_an_os_refusal_as_one_line_and_exit_1(corpus, tmp_path):

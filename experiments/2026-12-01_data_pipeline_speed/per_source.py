@@ -6,7 +6,8 @@ Runs `lab.data.scan.scan_shard` in this process on the first --web-mb of web.jso
 --books-mb of books/, then `lab.data.pack.pack_shard` on what the scan kept, with a tokenizer trained
 here on that text (--vocab). Each measurement is repeated --repeat times and the fastest kept: the
 machine is shared, and CPU time still grows when the other jobs contend for caches and cores.
-To time another checkout of the code, put it first on the path: `PYTHONPATH=/other/checkout python ...`.
+To time another checkout of the code, put it first on the path: `PYTHONPATH=/other/checkout python ...`
+(the settings are read with its lab.compose and lab.data.pipeline.Settings, so it needs those).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from pathlib import Path
 os.environ.setdefault("RAYON_NUM_THREADS", "1")  # one thread, as in the pack workers
 
 import numpy as np  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 import lab  # noqa: E402
+from lab.compose import compose_config  # noqa: E402
 from lab.data import pack as pk  # noqa: E402
 from lab.data import scan as sc  # noqa: E402
 from lab.data.dedup import MinHasher  # noqa: E402
 from lab.data.io import SourceSpec, iter_source  # noqa: E402
+from lab.data.pipeline import Settings  # noqa: E402
 from lab.data.tokenizer import train_bpe  # noqa: E402
 
 MB = 1 << 20
@@ -52,12 +54,12 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=40_000)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    conf = OmegaConf.to_container(OmegaConf.load(Path(lab.__file__).parents[1] / "conf" / "prepare.yaml"))["prepare"]
-    minhash = {k: conf["dedup"][k] for k in ("num_perm", "threshold", "shingle_words", "seed", "false_negative_weight")}
-    hasher = MinHasher(**minhash)
-    minhash = hasher.portable() if hasattr(hasher, "portable") else minhash
-    specs = {"web": SourceSpec("web", "jsonl", args.corpus / "web.jsonl", val_fraction=0.01),
-             "books": SourceSpec("books", "txt_dir", args.corpus / "books", val_fraction=0.02)}
+    # every setting as lab.prepare reads conf/prepare.yaml (the books' val_fraction as this run measured it)
+    settings = Settings.from_cfg(compose_config("prepare", [
+        f"data.web_path={args.corpus / 'web.jsonl'}", f"data.books_dir={args.corpus / 'books'}",
+        "data.sources.books.val_fraction=0.02"]))
+    minhash = MinHasher(**settings.minhash).portable()
+    specs = settings.sources
     limits = {"web": args.web_mb, "books": args.books_mb}
     tmp = Path(tempfile.mkdtemp(prefix="per_source_"))
     results = {"code": str(Path(lab.__file__).parent)}
@@ -65,11 +67,11 @@ def main() -> None:
         for name, spec in specs.items():
             recs = records(spec, limits[name])
             mb_in = sum(len(r.payload or b"") for r in recs) / MB
-            norm = {**conf["normalize"]["default"], **(conf["normalize"].get(name) or {})}
-            filt = {**conf["filters"]["default"], **(conf["filters"].get(name) or {})}
+            norm, filt = settings.normalize[name], settings.filters[name]
             best = None
             for k in range(args.repeat):
-                config = sc.ScanConfig(tmp / f"scan{k}", {name: sc.SourceScanConfig(spec, norm, filt)}, minhash, "s")
+                config = sc.ScanConfig(tmp / f"scan{k}", {name: sc.SourceScanConfig(spec, norm, filt)}, minhash,
+                                       settings.split_salt, settings.zstd_level)
                 sc.init_worker(config)
                 start = time.process_time()
                 stats = sc.scan_shard(sc.ScanTask(name, 0, recs))
@@ -77,10 +79,12 @@ def main() -> None:
                 best = cpu if best is None else min(best, cpu)
             prefix = sc.shard_prefix(tmp / "scan0", name, 0)
             texts = [doc["text"] for doc in sc.read_docs(prefix)]
-            tokenizer = train_bpe(iter(texts), args.vocab)
+            tokenizer = train_bpe(iter(texts), args.vocab, min_frequency=settings.training["min_frequency"],
+                                  fold=settings.tokenizer_fold)
             tokenizer.save(str(tmp / f"{name}.json"))
             splits = np.load(f"{prefix}.meta.npz")["split"]
-            pack_cfg = pk.PackConfig(tmp / f"{name}.json", tmp / "parts", "uint16", {name: norm})
+            pack_cfg = pk.PackConfig(tmp / f"{name}.json", tmp / "parts", "uint16", {name: norm}, settings.batch_docs,
+                                     settings.encoder, settings.check_chars)
             pk.init_worker(pack_cfg)
             pack_best, text_mb = None, 0.0
             for k in range(args.repeat):

@@ -53,16 +53,16 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
 
 @dataclass
 class MinHasher:
-    """MinHash signatures and LSH band keys of documents."""
+    """MinHash signatures and LSH band keys of documents (the settings: prepare.dedup in conf/prepare.yaml)."""
 
-    num_perm: int = 128
-    threshold: float = 0.8
-    shingle_words: int = 5
-    seed: int = 1
+    num_perm: int
+    threshold: float
+    shingle_words: int
+    seed: int
     # datasketch weighs missed pairs (false negatives) against extra candidates (false positives)
     # when it picks (bands, rows). Candidates are verified on the full signatures here, so an extra
     # one costs a comparison while a miss leaves a duplicate (maybe across train/val): favour recall.
-    false_negative_weight: float = 0.95
+    false_negative_weight: float
     # (bands, rows, a, b) from `portable()` of a MinHasher built in the main process: the scan workers
     # then never import datasketch, whose scipy import costs each of them ~0.5 CPU-s.
     precomputed: tuple[int, int, np.ndarray, np.ndarray] | None = None

@@ -43,7 +43,7 @@ def _fastokens_module():
 class BatchEncoder:
     """Encodes lists of texts (no special tokens added) to one id array per text."""
 
-    def __init__(self, tokenizer_file: Path, backend: str = "auto"):
+    def __init__(self, tokenizer_file: Path, backend: str):
         check_backend(backend)
         spec = json.loads(Path(tokenizer_file).read_text(encoding="utf-8"))
         spec["normalizer"] = None

@@ -37,14 +37,14 @@ def clean_path(value: Any) -> Path:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """One entry of `data.sources`."""
+    """One entry of `data.sources` (conf/data/*.yaml states every field: `from_cfg` reads them)."""
 
     name: str
     kind: str
     path: Path
-    text_field: str = "text"
-    id_field: str | None = "id"
-    val_fraction: float = 0.0
+    text_field: str
+    id_field: str | None
+    val_fraction: float
 
     @classmethod
     def from_cfg(cls, name: str, node: Any) -> "SourceSpec":

@@ -58,7 +58,8 @@ _CLITIC_RIGHT = frozenset("un o a ai am au ați aţi ar i l le lea mi ți ţi ș
 # The options every source's normalisation states (prepare.normalize.default); the book clean-up options are off
 # for a source whose entry does not turn them on.
 BASE_OPTIONS = ("nfc", "fold_cedilla", "strip_control", "whitespace")
-# What running_headers needs to know (the other options are true or false).
+BOOK_OPTIONS = ("page_numbers", "running_headers", "dehyphenate", "unwrap_lines")
+# What running_headers needs to know (the other options are true or false); unused while it is off.
 HEADER_OPTIONS = ("header_min_repeats", "header_max_chars")
 _OPTION_CHECKS = {"header_min_repeats": integer(2), "header_max_chars": integer(1)}
 
@@ -73,19 +74,20 @@ def fold_cedilla(text: str) -> str:
 
 @dataclass(frozen=True)
 class Normalizer:
-    """The normalisation of one source (`prepare.normalize.default` merged with the source's entry)."""
+    """The normalisation of one source (`prepare.normalize.default` merged with the source's entry): built by
+    `from_cfg`, so every setting comes from conf/prepare.yaml."""
 
-    nfc: bool = True
-    fold_cedilla: bool = True
-    strip_control: bool = True
-    whitespace: bool = True
-    # Book (PDF/OCR) clean-up, on by default for the books source only.
-    page_numbers: bool = False
-    running_headers: bool = False
-    header_min_repeats: int = 4
-    header_max_chars: int = 70
-    dehyphenate: bool = False
-    unwrap_lines: bool = False
+    nfc: bool
+    fold_cedilla: bool
+    strip_control: bool
+    whitespace: bool
+    # Book (PDF/OCR) clean-up (prepare.normalize.books turns it on).
+    page_numbers: bool
+    running_headers: bool
+    header_min_repeats: int | None  # None: running_headers is off and needs none
+    header_max_chars: int | None
+    dehyphenate: bool
+    unwrap_lines: bool
 
     @classmethod
     def check_options(cls, node: Any, prefix: str) -> None:
@@ -102,8 +104,14 @@ class Normalizer:
 
     @classmethod
     def from_cfg(cls, node: dict) -> "Normalizer":
+        """A merged prepare.normalize entry: the BASE_OPTIONS stated, a book option it leaves out is off."""
         cls.check_options(node, "prepare.normalize")
-        return cls(**node)
+        needed = BASE_OPTIONS + (HEADER_OPTIONS if node.get("running_headers") else ())
+        missing = [option for option in needed if option not in node]
+        if missing:
+            raise LabError(f"prepare.normalize.{missing[0]} is missing from the config (it has no default in code; "
+                           "restore it in conf/prepare.yaml)")
+        return cls(**{**dict.fromkeys(BOOK_OPTIONS, False), **dict.fromkeys(HEADER_OPTIONS), **node})
 
     @property
     def book_cleanup(self) -> bool:
@@ -211,6 +219,10 @@ class Normalizer:
         if (line[0].islower() and prev[-1] not in _SENTENCE_END) or (full and len(prev) >= _FULL_LINE * full):
             return prev + " " + line
         return None
+
+
+assert set(BASE_OPTIONS + BOOK_OPTIONS + HEADER_OPTIONS) == set(Normalizer.__dataclass_fields__), \
+    "every normalisation option is a base, book or header option"
 
 
 def _wrap_width(lines: list[str | None]) -> int | None:

@@ -41,9 +41,9 @@ class PackConfig:
     parts_dir: Path
     dtype: str
     normalize: dict[str, dict[str, Any]]  # per source, for the late cedilla fold
-    batch_docs: int = 256
-    encoder: str = "auto"  # lab/data/encode.py BACKENDS
-    check_chars: int = 65536  # per shard, also encoded by `tokenizers` and compared (fast backend only)
+    batch_docs: int  # prepare.pack.*
+    encoder: str  # lab/data/encode.py BACKENDS
+    check_chars: int  # per shard, also encoded by `tokenizers` and compared (fast backend only)
 
 
 # Memory bounds of one encode call: a long document is encoded in pieces of encode.PIECE_CHARS, and

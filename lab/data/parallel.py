@@ -37,7 +37,7 @@ def resolve_workers(configured: int | None) -> int:
 
 def ordered_map(fn: Callable[[T], R], tasks: Iterable[T], workers: int, *,
                 initializer: Callable[..., Any] | None = None, initargs: tuple = (),
-                max_pending: int = 2) -> Iterator[R]:
+                max_pending: int) -> Iterator[R]:
     """`map(fn, tasks)` over `workers` processes, in order, with bounded read-ahead.
 
     With one worker it runs in this process (no spawn cost, easier to debug). `fn` and

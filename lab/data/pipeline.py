@@ -518,7 +518,7 @@ class Pipeline:
                     trained = tk.train_bpe(sample, vocab, min_frequency=min_freq, fold=False)
                     rows.append(("bpe, no cedilla fold", trained, heldout, sum(sizes)))
                 else:
-                    rows.append(("unigram", tk.train_unigram(sample, vocab), folded, sum(sizes)))
+                    rows.append(("unigram", tk.train_unigram(sample, vocab, fold=fold), folded, sum(sizes)))
         rows.append(("utf-8 bytes", None, folded, 0))
         result = {"comparison": {"heldout": heldout_kind,
                                  "heldout_bytes": {s: sum(len(t.encode("utf-8")) for t in ts)

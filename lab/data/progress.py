@@ -30,7 +30,7 @@ def format_size(nbytes: float) -> str:
     return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB else f"{nbytes / MiB:.1f} MiB"
 
 
-def progress_bar(desc: str, total: float | None, unit: str = "B", enabled: bool = True,
+def progress_bar(desc: str, total: float | None, unit: str = "B", *, enabled: bool,
                  logger: logging.Logger = log) -> Any:
     """A tqdm bar on a terminal; elsewhere (nohup, a job log) a progress line in `logger` each minute."""
     if enabled and not sys.stderr.isatty():

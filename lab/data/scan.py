@@ -59,7 +59,7 @@ class ScanConfig:
     sources: dict[str, SourceScanConfig]
     minhash: dict[str, Any]
     split_salt: str
-    zstd_level: int = 3
+    zstd_level: int
 
 
 def shard_prefix(scan_dir: Path, source: str, index: int) -> Path:

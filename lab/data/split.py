@@ -22,8 +22,8 @@ def doc_key(source: str, doc_id: str, purpose: str) -> int:
     return int.from_bytes(digest.digest(), "little")
 
 
-def assign_split(source: str, doc_id: str, val_fraction: float, salt: str = "split") -> int:
-    """VAL for a `val_fraction` share of document ids, else TRAIN."""
+def assign_split(source: str, doc_id: str, val_fraction: float, salt: str) -> int:
+    """VAL for a `val_fraction` share of document ids, else TRAIN (salt: prepare.split.salt)."""
     return VAL if doc_key(source, doc_id, salt) / _SCALE < val_fraction else TRAIN
 
 

@@ -49,8 +49,9 @@ def _skeleton(model: models.Model, fold: bool) -> Tokenizer:
     return tokenizer
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2, fold: bool = True,
+def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int, fold: bool,
               length: int | None = None) -> Tokenizer:
+    """A byte-level BPE (min_frequency: prepare.tokenizer_training; fold: its normalizer folds cedillas)."""
     tokenizer = _skeleton(models.BPE(), fold)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=list(SPECIAL_TOKENS), show_progress=False,
@@ -59,7 +60,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2, 
     return tokenizer
 
 
-def train_unigram(texts: Iterable[str], vocab_size: int, *, fold: bool = True, length: int | None = None) -> Tokenizer:
+def train_unigram(texts: Iterable[str], vocab_size: int, *, fold: bool, length: int | None = None) -> Tokenizer:
     """A Unigram LM tokenizer (SentencePiece's algorithm) on the same byte-level pieces, for comparison."""
     tokenizer = _skeleton(models.Unigram(), fold)
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
