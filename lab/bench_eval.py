@@ -35,7 +35,7 @@ from lab.command_settings import EvaluateSettings, settings_for
 from lab.evaluation import Report, evaluate
 from lab.model_io import (default_output_dir, dtype_name, load_model, read_index, resolve_device, resolve_dtype,
                           resolve_source, weight_bytes)
-from lab.quantization import VARIANTS, quantize, quantize_model
+from lab.quantization import VARIANTS, made_with, quantize, quantize_model
 
 if TYPE_CHECKING:
     from lab.command_settings import Bench, QuantizeSettings
@@ -80,7 +80,9 @@ def ensure_variant(settings: "EvaluateSettings", quantizing: "QuantizeSettings")
     reference = dtype_name(resolve_dtype(settings.dtype, device))
     root = Path(quantizing.output_dir)
     index = read_index(root)
-    if index is None or index["reference"] != reference or settings.bench.variant not in index["variants"]:
+    variant = settings.bench.variant
+    if (index is None or index["reference"] != reference
+            or not made_with(index, resolve_source(quantizing.model_path), variant, quantizing.variant_options[variant])):
         log.info("quantizing %s to %s first", quantizing.model_path, settings.bench.variant)
         quantize(quantizing)
     return root

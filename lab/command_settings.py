@@ -107,6 +107,7 @@ class QuantizeSettings(RunSelectionSettings):
 
 @dataclasses.dataclass(frozen=True)
 class Efficiency(Node):
+    closed = True
     enabled: bool = field(boolean)
     prompt_lengths: tuple[int, ...] = field(list_of(integer(1)))
     decode_prompt_length: int = field(integer(1))
@@ -119,6 +120,7 @@ class Efficiency(Node):
 
 @dataclasses.dataclass(frozen=True)
 class EvalTracking(Node):
+    closed = True
     enabled: bool = field(boolean)
     tracking_uri: str | None = field(optional(text))
     experiment_name: str | None = field(optional(text))
@@ -128,6 +130,7 @@ class EvalTracking(Node):
 
 @dataclasses.dataclass(frozen=True)
 class LmEval(Node):
+    closed = True
     task_dirs: tuple[str, ...] = field(list_of(text))
     num_fewshot: int | None = field(optional(integer(0)))
     limit: int | None = field(optional(integer(1)))
@@ -136,6 +139,7 @@ class LmEval(Node):
 
 @dataclasses.dataclass(frozen=True)
 class Bench(Node):
+    closed = True
     variant: str = field(text)
     quantize: tuple[str, ...] = field(list_of(text))
     max_ppl_increase: float = field(number(0))
@@ -198,7 +202,11 @@ def settings_for(command: str, overrides: list[str] | tuple[str, ...] = (), **va
 
     job = HydraConfig.instance().cfg
     try:
-        cfg = compose_config(command, list(overrides))
+        try:
+            cfg = compose_config(command, list(overrides))
+        except Exception as err:  # noqa: BLE001 - Hydra's own message names the bad override
+            raise LabError(f"cannot compose conf/{command}.yaml with {list(overrides)}: "
+                           f"{str(err).strip().splitlines()[0]}") from None
         if values:
             try:
                 cfg = OmegaConf.merge(cfg, values)

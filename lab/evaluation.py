@@ -461,7 +461,7 @@ def resolve_max_blocks(value: Any, source: ModelSource) -> int | None:
             value = train["val_max_blocks"]
         else:
             return DEFAULT_MAX_BLOCKS
-    if value in (None, "", "all"):
+    if value is None:
         return None
     return _positive_int(value, "max_blocks", "auto, or null (every val block)")
 
@@ -491,7 +491,7 @@ def resolve_compile(value: Any, device: torch.device) -> bool:
 
 def resolve_prepared_dir(value: Any, source: ModelSource) -> Path | None:
     """`auto`: the training run's data.prepared_dir (config.yaml); a path; null: no held-out perplexity."""
-    if value in (None, "", "none"):
+    if value is None:
         return None
     if value != "auto":
         path = Path(value)

@@ -100,7 +100,8 @@ class GenerationSpec:
             # (every new length would be another compilation)
             with torch.random.fork_rng(devices=devices), torch.compiler.set_stance("force_eager"):
                 for mode, sampling in self.samplings():
-                    outputs = generate_ids(model, tokenizer, self.prompts, sampling, seed=self.seed)
+                    outputs = generate_ids(model, tokenizer, self.prompts, sampling, seed=self.seed,
+                                           prepend_eos=True)  # a new document, as every one after the first in training
                     for result, (fed, new) in zip(results, outputs):
                         # decoded whole: a character split across the prompt's end stays one character
                         result[mode] = tokenizer.decode([*fed, *new[0].tolist()], skip_special_tokens=True)

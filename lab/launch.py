@@ -1,4 +1,4 @@
-"""The one-time setup of a shared Optuna database for sweep workers (make sweep-worker runs it first):
+"""Create a shared Optuna database's tables ahead of time (a `sweep=lr` run also does it when it starts):
 
     python -m lab.launch init-storage postgresql+psycopg://user@host:5432/optuna
 
@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if len(args) != 2 or args[0] != "init-storage":
             raise LabError("usage: python -m lab.launch init-storage <database URL>")
-        init_storage(args[1])
+        init_storage(args[1], setting="STORAGE")
     except Exception as err:  # noqa: BLE001 - the one exit path (lab.report_error)
         return report_error(err, log)
     return 0

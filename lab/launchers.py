@@ -16,7 +16,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lab import LabError
+from lab import LabError, exit_with
 
 log = logging.getLogger(__name__)
 
@@ -84,30 +84,34 @@ class OptunaStorageReady(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
-        if isinstance(storage, str) and storage:  # null: Optuna's in-memory storage, nothing to create
-            init_storage(storage)
+        if not (isinstance(storage, str) and storage):  # null: Optuna's in-memory storage, nothing to create
+            return
+        try:
+            init_storage(storage, setting="hydra.sweeper.storage")
+        except Exception as err:  # noqa: BLE001 - Hydra turns a callback's exception into a warning and goes on
+            exit_with(err, log)
 
 
-def init_storage(url: str, attempts: int = 5) -> None:
+def init_storage(url: str, setting: str, attempts: int = 5) -> None:
     """Create Optuna's tables in a fresh database. Workers that start at once on an empty PostgreSQL race to
     create them (one gets a unique-violation on its CREATE TYPE); the loser retries and finds them made."""
     import optuna
     import sqlalchemy.exc
 
     if not url.startswith(("postgresql", "mysql", "sqlite:")):
-        raise LabError(f"STORAGE={url!r}: expected a database URL such as postgresql+psycopg://user@host:5432/db")
+        raise LabError(f"{setting}={url!r}: expected a database URL such as postgresql+psycopg://user@host:5432/db")
     if url.startswith("postgresql://"):
-        raise LabError(f"STORAGE={url!r}: name the driver: postgresql+psycopg://... (psycopg 3 is the one installed)")
+        raise LabError(f"{setting}={url!r}: name the driver: postgresql+psycopg://... (psycopg 3 is the one installed)")
     for attempt in range(1, attempts + 1):
         try:
             optuna.storages.RDBStorage(url)
             return
         except sqlalchemy.exc.ArgumentError as err:
-            raise LabError(f"STORAGE={url!r}: not a database URL ({err})") from None
+            raise LabError(f"{setting}={url!r}: not a database URL ({err})") from None
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             if attempt == attempts:
                 raise
             time.sleep(0.2 + random.random())  # another worker is creating the tables: let it finish
         except sqlalchemy.exc.OperationalError as err:
             reason = str(err.orig).strip().splitlines()[0] if err.orig else "cannot connect"
-            raise LabError(f"STORAGE={url!r}: cannot reach the database ({reason}); is the server up?") from None
+            raise LabError(f"{setting}={url!r}: cannot reach the database ({reason}); is the server up?") from None

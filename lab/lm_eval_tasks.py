@@ -307,7 +307,7 @@ def _quiet_lm_eval() -> Iterator[None]:
 
 
 def run_lm_eval(model: nn.Module, tokenizer: Any, names: Sequence[str], options: "LmEval", max_length: int,
-                batch_size: int = 8, log_samples: bool = False) -> dict[str, Any]:
+                batch_size: int, log_samples: bool = False) -> dict[str, Any]:
     """lm-eval's `simple_evaluate` result for `names` on this model (its "results", and "samples" if asked)."""
     local = read_task_dirs(options.task_dirs)
     evaluator, HFLM = import_lm_eval()

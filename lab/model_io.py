@@ -152,7 +152,7 @@ def resolve_source(model_path: str | Path | None) -> ModelSource:
 
 
 def _variant_names() -> list[str]:
-    from lab.quantization import VARIANTS  # lazily: lab.quantize imports this module
+    from lab.quantization import VARIANTS  # lazily: lab.quantization imports this module
 
     return list(VARIANTS)
 
@@ -206,7 +206,7 @@ def check_model_folder(folder: Path) -> dict[str, Any]:
     """config.json of an HF folder checked before transformers reads it (lab.models.check_hf_folder: one of the
     lab's config classes, plain values, no auto_map, only the lab's own torchao configs); returns it parsed."""
     from lab.models import check_hf_folder
-    from lab.quantization import lab_quant_types  # lazily: lab.quantize imports this module
+    from lab.quantization import lab_quant_types  # lazily: lab.quantization imports this module
 
     return check_hf_folder(folder, set(lab_quant_types()))
 

@@ -131,7 +131,9 @@ def build_config(arch: Mapping[str, Any] | DictConfig, size: Mapping[str, Any] |
         from lab.size_matching import match_size  # it builds on this module
 
         # depth/width (or state/expand) moved to land within ±1% of the target, the preset's shape kept
-        node = match_size(node, float(size["target_params"]), basis=size.get("target_basis") or "total").node
+        if size.get("target_basis") is None:
+            raise LabError("size.target_basis is missing (total or non_embedding): restore it in conf/size/")
+        node = match_size(node, float(size["target_params"]), basis=size["target_basis"]).node
     node.update(overrides)
     _reject_nested_targets(node)
     # the class is called with plain values: nothing in the node is instantiated

@@ -128,7 +128,9 @@ def check_variant_options(node: Any, key: str = "variant_options") -> dict[str, 
         given = node.get(name) or {}
         if not isinstance(given, Mapping):
             raise LabError(f"{key}.{name}={given!r} must be a mapping of the variant's knobs {list(variant.knobs)}")
-        for knob in given:
+        for knob, value in given.items():
+            if knob == "quantize_embedding" and knob not in variant.knobs and value is False:
+                continue  # what the variant does anyway: it never quantizes the embedding
             if knob not in variant.knobs:
                 if knob == "quantize_embedding":
                     raise _no_embedding_sharing(variant)
@@ -214,7 +216,7 @@ def embedding_state(model: nn.Module) -> dict[str, Any]:
 # -- quantizing -----------------------------------------------------------------------------------------------------
 
 
-def layers_to_keep_float(model: nn.Module, group_size: int | None, quantize_embedding: bool = False) -> dict[str, str]:
+def layers_to_keep_float(model: nn.Module, group_size: int | None, quantize_embedding: bool) -> dict[str, str]:
     """{module name: reason} of the Linear layers a variant leaves float (see the module docstring).
 
     quantize_embedding: the LM head is quantized too when it is tied to a plain nn.Embedding (the caller
@@ -290,9 +292,11 @@ class VariantResult:
     reload_max_abs_diff: float = 0.0
     seconds: float = 0.0
     embedding: dict[str, Any] = field(default_factory=dict)   # embedding_state(): quantized / tied flags
+    options: dict[str, Any] = field(default_factory=dict)     # the variant_options it was made with
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": str(self.path), "description": self.description, "disk_bytes": self.disk_bytes,
+        return {"path": str(self.path), "description": self.description, "options": self.options,
+                "disk_bytes": self.disk_bytes,
                 "weight_bytes": self.weight_bytes, "quantized_layers": self.quantized_layers,
                 "kept_float": self.kept_float, **self.embedding, "torchao_config": self.torchao_config,
                 "reload_max_abs_diff": self.reload_max_abs_diff, "seconds": round(self.seconds, 3)}
@@ -386,7 +390,15 @@ def quantize_variant(variant: Variant, reference_dir: Path, out_dir: Path, sourc
         raise LabError(f"variant {variant.name}: the saved folder {out_dir} reloads with embedding/head "
                        f"{embedding_state(reloaded)}, not {embedding}")
     return VariantResult(variant.name, out_dir, variant.description, disk_bytes(out_dir), weights, len(layers),
-                         dict(keep_float), repr(config), diff, time.perf_counter() - start, embedding)
+                         dict(keep_float), repr(config), diff, time.perf_counter() - start, embedding,
+                         dict(options))
+
+
+def made_with(index: Mapping[str, Any] | None, source: ModelSource, name: str, options: Mapping[str, Any]) -> bool:
+    """Whether quantize.json holds variant `name` of this model, made with these variant_options (an index from
+    before options were recorded: no), and its folder is there: then it need not be made again."""
+    item = (index or {}).get("variants", {}).get(name) if (index or {}).get("source") == str(source.path) else None
+    return bool(item) and item.get("options") == dict(options) and Path(item.get("path", "")).is_dir()
 
 
 def quantize(settings: "QuantizeSettings") -> dict[str, Any]:

@@ -159,7 +159,8 @@ def sample_generations(data: Sequence["RunData"], prompts: Sequence[str], max_ne
         try:
             source = resolve_source(folder)
             model, _ = load_model(source, "cpu")
-            continuations = generate(model, load_tokenizer(source), list(prompts), sampling)
+            # greedy: the seed is unused; a prompt starts a new document, as in training
+            continuations = generate(model, load_tokenizer(source), list(prompts), sampling, seed=0, prepend_eos=True)
         except LabError as err:
             rows.append([arch, "", f"(no generations: {err})"])
             continue

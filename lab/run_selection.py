@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
 
@@ -52,8 +52,8 @@ class RunQuery:
     """What `runs=` / `run_tags=` / `run_latest=` ask for."""
 
     experiment: str
-    tags: Mapping[str, str] = field(default_factory=dict)
-    latest: bool = True
+    tags: Mapping[str, str]
+    latest: bool
 
     def train_command(self) -> str:
         return f"python -m lab.train -m experiment={self.experiment}"
@@ -83,7 +83,7 @@ class RunSelection:
     failed: list[SelectedRun]      # runs skipped: export missing or damaged (each has a `problem`)
 
 
-def parse_runs(runs: Any, run_tags: Any = None, run_latest: Any = True) -> RunQuery | None:
+def parse_runs(runs: Any, run_tags: Any, run_latest: Any) -> RunQuery | None:
     """The query of a command's `runs`, `run_tags`, `run_latest` settings; None when `runs` is not set."""
     if runs is None or (isinstance(runs, str) and not runs.strip()):
         if run_tags:

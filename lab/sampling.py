@@ -90,8 +90,8 @@ def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
 
 
 @torch.no_grad()
-def generate_ids(model: nn.Module, tokenizer: Any, prompts: Sequence[str], sampling: Sampling, seed: int = 0,
-                 prepend_eos: bool = True) -> list[tuple[list[int], torch.Tensor]]:
+def generate_ids(model: nn.Module, tokenizer: Any, prompts: Sequence[str], sampling: Sampling, *, seed: int,
+                 prepend_eos: bool) -> list[tuple[list[int], torch.Tensor]]:
     """Per prompt: the prompt ids fed to the model and the new ids [num_return_sequences, new_tokens]."""
     config = model.generation_config
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
@@ -119,11 +119,11 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompts: Sequence[str], sampl
     return outputs
 
 
-def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], sampling: Sampling, seed: int = 0,
-             prepend_eos: bool = True) -> list[list[str]]:
+def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], sampling: Sampling, *, seed: int,
+             prepend_eos: bool) -> list[list[str]]:
     """Continuations (new text only) of each prompt: one list of num_return_sequences strings per prompt."""
     return [[tokenizer.decode(row, skip_special_tokens=True) for row in new]
-            for _, new in generate_ids(model, tokenizer, prompts, sampling, seed, prepend_eos)]
+            for _, new in generate_ids(model, tokenizer, prompts, sampling, seed=seed, prepend_eos=prepend_eos)]
 
 
 def run(settings: "GenerateSettings") -> list[list[str]]:
@@ -134,7 +134,8 @@ def run(settings: "GenerateSettings") -> list[list[str]]:
     device = resolve_device(settings.device)
     model, _ = load_model(source, device, resolve_dtype(settings.dtype, device))  # variants keep their dtypes
     tokenizer = load_tokenizer(source, settings.tokenizer_path)
-    results = generate(model, tokenizer, prompts, settings.sampling, settings.seed, settings.prepend_eos)
+    results = generate(model, tokenizer, prompts, settings.sampling, seed=settings.seed,
+                       prepend_eos=settings.prepend_eos)
     for prompt, continuations in zip(prompts, results):
         for number, text in enumerate(continuations):
             tag = f" [{number + 1}]" if len(continuations) > 1 else ""

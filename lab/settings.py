@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, get_args
+from typing import Any, Callable, ClassVar, Mapping, get_args
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from lab import LabError
 
@@ -154,12 +155,24 @@ def field(check: Check) -> Any:
 class Node:
     """A frozen dataclass parsed from one config node: every field present and checked."""
 
+    # closed: a key that is no field is refused (a `+node.typo=...` override); open nodes (the trainer's, the
+    # optimizer's) also hold keys other code reads
+    closed: ClassVar[bool] = False
+
     @classmethod
     def parse(cls, node: Any, prefix: str) -> Any:
         if isinstance(node, (DictConfig, ListConfig)):
-            node = OmegaConf.to_container(node, resolve=True)
+            try:
+                node = OmegaConf.to_container(node, resolve=True)
+            except OmegaConfBaseException as err:  # an interpolation to a key that is not there
+                where = getattr(err, "full_key", None) or prefix or "the config"
+                raise LabError(f"{where} does not resolve: {str(err).strip().splitlines()[0]}") from None
         if not isinstance(node, Mapping):
             raise LabError(f"{prefix or 'the config'} must be a mapping of settings, not {node!r}")
+        names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("derived")]
+        unknown = sorted(set(map(str, node)) - set(names)) if cls.closed else []
+        if unknown:
+            raise LabError(f"{prefix}.{unknown[0]} is not a setting here (the settings are {', '.join(names)})")
         values = {}
         for f in dataclasses.fields(cls):
             if f.metadata.get("derived"):  # built from other keys by the class's from_config

@@ -50,9 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         arch, size, arch_name, size_name = _compose(rest)
         start = apply_size(arch, size)
         match = match_size(start, float(ours["target"]) if _is_number(ours["target"]) else ours["target"],
-                           basis=ours.get("basis", "total"),
                            vary=tuple(v for v in ours["vary"].split(",") if v) if "vary" in ours else None,
-                           tolerance=float(ours.get("tolerance", 0.01)))
+                           # basis and tolerance: match_size's own defaults unless given
+                           **({"basis": ours["basis"]} if "basis" in ours else {}),
+                           **({"tolerance": float(ours["tolerance"])} if "tolerance" in ours else {}))
     except Exception as err:  # noqa: BLE001 - the one exit path (lab.exit_with)
         return report_error(err, logging.getLogger("lab.sizing"))
     # overrides relative to the arch as written, so they rebuild the match under size=full

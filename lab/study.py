@@ -11,7 +11,7 @@ same command runs again, without redoing finished work:
 - training: the experiment's multirun runs through whichever Hydra launcher is configured, every job with
   `reuse_finished=true ckpt_path=auto` (lab/resume.py): a finished MLflow run with the same settings and data is
   reused, an unfinished one resumes from its last checkpoint;
-- quantize: reused when the run's quantize.json lists every variant asked for;
+- quantize: reused when the run's quantize.json lists every variant asked for, made with the same options;
 - evaluate: reused when the run has finished evaluation runs tagged with the same evaluation settings;
 - compare + report: rewritten each time from MLflow (lab/report.py).
 

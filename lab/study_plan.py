@@ -218,7 +218,7 @@ def describe(plan: Plan) -> str:
     if todo:
         lines.append("  training command: " + shlex.join(["python", *train_command(plan)[1:]]))
     lines.append(f"  quantize  every finished run's hf/ export: variants {list(as_list(plan.cfg.study.variants))} "
-                 "(reused where quantize.json lists them all)")
+                 "(reused where quantize.json lists them all, made with the same options)")
     lines.append(f"  evaluate  every finished run and its variants (reused where evaluation runs carry {EVAL_TAG}=<settings>)")
     lines.append("  compare   the table with quantized columns, then REPORT.md / REPORT.html (always rewritten)")
     return "\n".join(lines)

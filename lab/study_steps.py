@@ -122,7 +122,7 @@ def quantize_run(plan: Plan, job: Job, outcome: Outcome) -> list[str]:
     """Quantize one run's export (unless done); returns the variants there are to evaluate."""
     from lab.command_settings import settings_for
     from lab.model_io import default_output_dir, read_index, resolve_device, resolve_source
-    from lab.quantization import VARIANTS, quantize, supported_variants
+    from lab.quantization import VARIANTS, made_with, quantize, supported_variants
 
     hf = Path(job.run.data.tags.get("run_dir", "")) / "hf"
     source = resolve_source(hf)  # a missing or damaged export is one LabError line
@@ -138,13 +138,13 @@ def quantize_run(plan: Plan, job: Job, outcome: Outcome) -> list[str]:
         index = read_index(default_output_dir(source)) or {}
     except (OSError, ValueError):
         index = {}  # a quantize.json cut short by a kill: quantize again
-    listed = {name for name, item in index.get("variants", {}).items() if Path(item.get("path", "")).is_dir()}
-    if index.get("source") == str(source.path) and set(wanted) <= listed:
-        outcome.quantize = "reused"
-        return wanted
     overrides = [f"model_path={hf}", f"variants=[{','.join(wanted)}]", f"device={device.type}",
                  *[str(o) for o in plan.cfg.study.quantize]]
-    quantize(settings_for("quantize", overrides))
+    settings = settings_for("quantize", overrides)
+    if all(made_with(index, source, name, settings.variant_options[name]) for name in wanted):
+        outcome.quantize = "reused"
+        return wanted
+    quantize(settings)
     outcome.quantize = "done"
     return wanted
 

@@ -259,7 +259,7 @@ SWEEP_WORKER = """
 import sys, optuna
 from lab.launchers import init_storage
 storage, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-init_storage(storage)  # as make sweep-worker does: both workers meet an empty database at once
+init_storage(storage, "STORAGE")  # as every sweep=lr run does first: both workers meet an empty database at once
 study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True)
 study.optimize(lambda t: (t.suggest_float("x", -1, 1) - 0.3) ** 2, n_trials=n, n_jobs=1)
 """
@@ -306,6 +306,18 @@ def test_lab_train_sweep_workers_on_postgres(postgres, prepared_sample, tmp_path
     out = lab_train([*common, "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path / 'w2'}"], env, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(optuna.load_study(study_name="pg-lr", storage=postgres).trials) == 5
+
+
+def test_a_sweep_with_an_unusable_storage_stops_in_one_line(tmp_path):
+    """The sweep's OptunaStorageReady callback runs before any job: a bad URL is the command's one error line
+    and exit 1 (Hydra would only warn about a callback's exception and let the sweeper fail with a traceback)."""
+    out = lab_train(["-m", "sweep=lr", "experiment=demo", "arch=llama_gqa", "hydra.sweeper.storage=postgresql://x",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}"], dict(os.environ), timeout=120)
+    assert out.returncode == 1, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: hydra.sweeper.storage='postgresql://x': name the driver: postgresql+psycopg://... "
+                      "(psycopg 3 is the one installed)"], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "sweep").exists()
 
 
 # --- MLflow tracking server ---------------------------------------------------------------------------------

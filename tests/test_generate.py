@@ -40,11 +40,12 @@ def test_greedy_generation_matches_argmax_decoding(tiny_runs, arch):
     model, source = load_model(tiny_runs[arch] / "hf")
     tokenizer = load_tokenizer(source)
     prompt = "Era odată un"
-    ((prompt_ids, new),) = generate_ids(model, tokenizer, [prompt], GREEDY)
+    ((prompt_ids, new),) = generate_ids(model, tokenizer, [prompt], GREEDY, seed=0, prepend_eos=True)
     assert prompt_ids == [tokenizer.eos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
     expected = manual_greedy(model, prompt_ids, GREEDY.max_new_tokens)[len(prompt_ids):]
     assert new.tolist() == [expected]
-    assert generate(model, tokenizer, [prompt], GREEDY) == [[tokenizer.decode(expected, skip_special_tokens=True)]]
+    decoded = tokenizer.decode(expected, skip_special_tokens=True)
+    assert generate(model, tokenizer, [prompt], GREEDY, seed=0, prepend_eos=True) == [[decoded]]
 
 
 def test_sampling_is_reproducible_by_seed_and_varies_across_seeds(tiny_runs):
@@ -53,14 +54,15 @@ def test_sampling_is_reproducible_by_seed_and_varies_across_seeds(tiny_runs):
     # temperature 2 on a random model: nearly uniform over the vocabulary
     hot = Sampling(max_new_tokens=12, do_sample=True, temperature=2.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                    num_return_sequences=2)
-    first = generate(model, tokenizer, ["Astăzi", "Mâine"], hot, seed=3)
-    assert first == generate(model, tokenizer, ["Astăzi", "Mâine"], hot, seed=3)
-    assert first != generate(model, tokenizer, ["Astăzi", "Mâine"], hot, seed=4)
+    first = generate(model, tokenizer, ["Astăzi", "Mâine"], hot, seed=3, prepend_eos=True)
+    assert first == generate(model, tokenizer, ["Astăzi", "Mâine"], hot, seed=3, prepend_eos=True)
+    assert first != generate(model, tokenizer, ["Astăzi", "Mâine"], hot, seed=4, prepend_eos=True)
     assert len(first) == 2 and all(len(samples) == 2 for samples in first)
     # top_k=1 leaves one candidate: sampling collapses to greedy
     narrow = Sampling(max_new_tokens=6, do_sample=True, temperature=1.0, top_k=1, top_p=1.0, repetition_penalty=1.0,
                       num_return_sequences=1)
-    assert generate(model, tokenizer, ["Astăzi"], narrow, seed=5) == generate(model, tokenizer, ["Astăzi"], GREEDY)
+    assert (generate(model, tokenizer, ["Astăzi"], narrow, seed=5, prepend_eos=True)
+            == generate(model, tokenizer, ["Astăzi"], GREEDY, seed=0, prepend_eos=True))
 
 
 def test_long_prompts_are_fitted_to_the_positions(tiny_runs):
@@ -68,11 +70,13 @@ def test_long_prompts_are_fitted_to_the_positions(tiny_runs):
     tokenizer = load_tokenizer(source)
     long_prompt = "Era odată un împărat bătrân care avea trei fii și o grădină plină de meri. " * 6
     assert len(tokenizer(long_prompt)["input_ids"]) > 64
-    ((prompt_ids, new),) = generate_ids(model, tokenizer, [long_prompt], Sampling.greedy(100))
+    ((prompt_ids, new),) = generate_ids(model, tokenizer, [long_prompt], Sampling.greedy(100), seed=0,
+                                          prepend_eos=True)
     # 64 positions: half for new tokens, the other half for the prompt's last tokens
     assert new.shape == (1, 32) and len(prompt_ids) == 32
     assert prompt_ids == tokenizer(long_prompt)["input_ids"][-32:]
-    ((prompt_ids, new),) = generate_ids(model, tokenizer, ["Da"], Sampling.greedy(100))
+    ((prompt_ids, new),) = generate_ids(model, tokenizer, ["Da"], Sampling.greedy(100), seed=0,
+                                          prepend_eos=True)
     assert len(prompt_ids) + new.shape[1] == 64  # a short prompt gets all the room left
 
 

@@ -182,7 +182,7 @@ def test_a_failure_inside_lm_eval_is_one_line(tokenizer, monkeypatch):
     one_line = r"^lm-eval could not run ro_mc_edges \(ConnectionError: could not reach the Hub\)$"
     with pytest.raises(LabError, match=one_line):
         run_lm_eval(random_model("llama_gqa", tokenizer), tokenizer, ["ro_mc_edges"],
-                    lm_eval_options(task_dirs=[str(TASK_DIR)]), max_length=64)
+                    lm_eval_options(task_dirs=[str(TASK_DIR)]), max_length=64, batch_size=8)
 
 
 # -- names and options ---------------------------------------------------------------------------------------------

@@ -171,6 +171,18 @@ def test_quantize_every_arch_saves_variants_that_load_back(tiny_runs, arch, tmp_
                                   output_dir=str(tmp_path / "q"), variant_options={"intx4wo": {"group_size": 16}}))
     assert index["reference"] == "fp32" and index["train_run_id"] is None  # empty mlflow_run_id: no link
     assert list(index["variants"]) == ["fp32", "int8wo", "int8dq", "intx4wo"]   # auto on CPU
+    # each variant records its options: one asked for with others is made again (lab.study, lab.bench_eval)
+    from lab.quantization import made_with
+
+    source = resolve_source(run_dir / "hf")
+    assert index["variants"]["intx4wo"]["options"] == {"group_size": 16}
+    assert made_with(index, source, "intx4wo", {"group_size": 16})
+    assert not made_with(index, source, "intx4wo", {"group_size": 32})
+    assert not made_with(index, resolve_source(tiny_runs["llama_mha" if arch != "llama_mha" else "mamba2"] / "hf"),
+                         "intx4wo", {"group_size": 16})   # another model's index
+    older = {**index, "variants": {**index["variants"], "int8wo": {
+        k: v for k, v in index["variants"]["int8wo"].items() if k != "options"}}}
+    assert not made_with(older, source, "int8wo", {"quantize_embedding": True})   # from before options were kept
     reference = index["variants"]["fp32"]
     float_model, _ = load_model(tmp_path / "q" / "fp32")
     expected = logits_of(float_model, PROBE)
@@ -269,7 +281,7 @@ def test_which_layers_are_quantized(tiny_runs, tmp_path):
 
     # a llama MLP of width 176 does not split into groups of 32: down_proj stays float, with the reason
     llama, _ = load_model(tiny_runs["llama_gqa"] / "hf")
-    keep = layers_to_keep_float(llama, 32)
+    keep = layers_to_keep_float(llama, 32, quantize_embedding=False)
     assert keep["model.layers.0.mlp.down_proj"] == "in_features=176 is not a multiple of group_size=32"
     assert "model.layers.0.mlp.up_proj" not in keep
 

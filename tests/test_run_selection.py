@@ -79,8 +79,8 @@ def evaluate_cfg(tmp_path: Path, **values):
 
 
 def test_parse_runs_accepts_the_documented_forms():
-    assert parse_runs(None) is None and parse_runs("") is None and parse_runs("  ") is None
-    query = parse_runs("experiment:arch_bakeoff_tiny")
+    assert all(parse_runs(empty, None, True) is None for empty in (None, "", "  "))
+    query = parse_runs("experiment:arch_bakeoff_tiny", None, True)
     assert query == RunQuery("arch_bakeoff_tiny", {}, True)
     assert query.train_command() == "python -m lab.train -m experiment=arch_bakeoff_tiny"
     query = parse_runs(" experiment: demo ", {"bakeoff": "tiny-v1", "seed": 1}, False)
@@ -140,12 +140,12 @@ def test_finished_training_runs_are_selected_newest_per_run_name(run_folders, tm
     register(falcon, "eval-int8wo", start=4_000, kind="eval", eval_of=other)
     register(None, "falcon_mqa-tiny-s4", experiment="elsewhere", start=5_000)
 
-    selection = select_runs(RunQuery(EXPERIMENT))
+    selection = select_runs(RunQuery(EXPERIMENT, {}, True))
     assert [(r.label, r.run_id) for r in selection.models] == [("falcon_mqa-tiny-s1", other), ("llama_gqa-tiny-s1", new)]
     assert selection.failed == [] and selection.tracking_uri == tracking_uri()
     assert selection.models[1].model_path == llama / "hf" and selection.models[1].run_dir == llama
     # tags narrow the selection; run_latest=false keeps every finished run, labels made unique by the run id
-    assert [r.run_id for r in select_runs(RunQuery(EXPERIMENT, {"bakeoff": "v2"})).models] == [other]
+    assert [r.run_id for r in select_runs(RunQuery(EXPERIMENT, {"bakeoff": "v2"}, True)).models] == [other]
     every = select_runs(RunQuery(EXPERIMENT, {"bakeoff": "v1"}, latest=False)).models
     assert sorted(r.run_id for r in every) == sorted([old, new])
     assert sorted(r.label for r in every) == sorted([f"llama_gqa-tiny-s1-{old[:8]}", f"llama_gqa-tiny-s1-{new[:8]}"])
@@ -155,16 +155,16 @@ def test_unknown_or_empty_experiment_names_the_training_command():
     register(None, "llama_gqa-tiny-s1", experiment="other")
     with pytest.raises(LabError, match=r"no MLflow experiment of that name .*there: .*other.*"
                                        r"python -m lab.train -m experiment=nope"):
-        select_runs(RunQuery("nope"))
+        select_runs(RunQuery("nope", {}, True))
     get_or_create_experiment("empty_one")
     with pytest.raises(LabError, match=r"experiment 'empty_one' has no finished training runs .*"
                                        r"train them with: python -m lab.train -m experiment=empty_one"):
-        select_runs(RunQuery("empty_one"))
+        select_runs(RunQuery("empty_one", {}, True))
     register(None, "mamba2-tiny-s1", experiment="empty_one", status="FAILED")
     with pytest.raises(LabError, match=r"has no finished training runs .*status FAILED"):
-        select_runs(RunQuery("empty_one"))
+        select_runs(RunQuery("empty_one", {}, True))
     with pytest.raises(LabError, match=r"with tags bakeoff=v9 has no finished.*\(with the same tags\)"):
-        select_runs(RunQuery("other", {"bakeoff": "v9"}))
+        select_runs(RunQuery("other", {"bakeoff": "v9"}, True))
 
 
 @pytest.mark.parametrize("damage, problem", [
@@ -176,7 +176,7 @@ def test_unknown_or_empty_experiment_names_the_training_command():
 def test_a_damaged_export_is_skipped_with_one_warning_and_listed(two_runs, damage, problem, caplog):
     damage(two_runs["falcon_mqa-tiny-s1"])
     with caplog.at_level(logging.WARNING, logger="lab.run_selection"):
-        selection = select_runs(RunQuery(EXPERIMENT))
+        selection = select_runs(RunQuery(EXPERIMENT, {}, True))
     assert [r.label for r in selection.models] == ["llama_gqa-tiny-s1"]
     assert [r.label for r in selection.failed] == ["falcon_mqa-tiny-s1"]
     assert selection.failed[0].model_path is None
@@ -187,12 +187,12 @@ def test_a_damaged_export_is_skipped_with_one_warning_and_listed(two_runs, damag
 
 def test_a_run_without_run_dir_tag_is_listed_as_failed():
     register(None, "llama_gqa-tiny-s1")
-    selection = select_runs(RunQuery(EXPERIMENT))
+    selection = select_runs(RunQuery(EXPERIMENT, {}, True))
     assert selection.models == [] and "no run_dir tag" in selection.failed[0].problem
 
 
 def test_model_config_gives_each_run_its_own_output_folders(two_runs, tmp_path):
-    run = select_runs(RunQuery(EXPERIMENT)).models[0]
+    run = select_runs(RunQuery(EXPERIMENT, {}, True)).models[0]
     settings = settings_for("evaluate", runs="experiment:x", run_tags={"a": "b"}, output_dir=str(tmp_path / "o"))
     own = model_config(settings, run, ("output_dir", "quantized_dir"))
     assert own.model_path == str(run.model_path) and own.runs is None and own.run_tags is None

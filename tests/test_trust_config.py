@@ -88,6 +88,10 @@ def test_bad_values_name_the_key_and_what_is_allowed(override, message):
     ("evaluate", "lm_eval.bootstrap_iters=-5", "lm_eval.bootstrap_iters=-5"),
     ("evaluate", "bench.max_weight_memory_ratio=0", "bench.max_weight_memory_ratio=0 is not allowed"),
     ("evaluate", "~bench", "bench is missing from the config"),
+    ("evaluate", "+lm_eval.limt=3", "lm_eval.limt is not a setting here (the settings are task_dirs, num_fewshot"),
+    ("evaluate", "+efficiency.warmups=2", "efficiency.warmups is not a setting here"),
+    ("evaluate", "efficiency.repeats=${nope}", "efficiency.repeats does not resolve: Interpolation key 'nope'"),
+    ("quantize", "+variant_options.int4wo.quantize_embedding=true", "int4wo: quantize_embedding=true is supported"),
     ("quantize", "variant_options.int4wo.group_size=0", "variant_options.int4wo.group_size=0"),
     ("quantize", "variant_options.intx4wo.group_size=32.5", "variant_options.intx4wo.group_size=32.5"),
     ("quantize", "variant_options.int8wo.quantize_embedding=no", "variant_options.int8wo.quantize_embedding='no'"),
@@ -111,6 +115,17 @@ def test_the_other_commands_check_their_settings(command, override, message):
     with pytest.raises(LabError, match=re.escape(message)) as caught:
         parse(compose_config(command, [*extra, override]))
     assert "\n" not in str(caught.value)
+
+
+def test_settings_for_overrides_and_harmless_knobs():
+    from lab.command_settings import settings_for
+
+    with pytest.raises(LabError, match=r"cannot compose conf/quantize.yaml with \['variant_options'\]") as caught:
+        settings_for("quantize", ["variant_options"], model_path="x")  # an override without =, as a typo in a list
+    assert "\n" not in str(caught.value)
+    # quantize_embedding=false on a variant that never quantizes it: what it does anyway, accepted
+    settings = settings_for("quantize", ["+variant_options.int4wo.quantize_embedding=false"], model_path="x")
+    assert settings.variant_options["int4wo"] == {"group_size": 128}
 
 
 TINY_SAMPLE_USERS = [["experiment=demo"], ["experiment=arch_bakeoff_tiny"], ["experiment=curriculum_study_tiny"],
