@@ -28,6 +28,23 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
+class EndOfTraining(L.Callback):
+    """A callback whose stage-end and end-of-training records must exist even for a run resumed from a checkpoint
+    taken at its last step (killed before it ended): Lightning then skips the whole training loop, and with it
+    on_train_epoch_end and on_train_end; on_fit_end still runs, and does their work once."""
+
+    _loop_ran = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._loop_ran = True
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._loop_ran or trainer.global_step == 0:
+            return
+        self.on_train_epoch_end(trainer, pl_module)
+        self.on_train_end(trainer, pl_module)
+
+
 class Throughput(L.Callback):
     """tokens/s over each logging window, MFU from the family's FLOPs per token, peak memory."""
 
@@ -70,7 +87,7 @@ class Throughput(L.Callback):
         self._last = None  # validation time is not step time
 
 
-class TrainClock(L.Callback):
+class TrainClock(EndOfTraining):
     """`time/train_s`: seconds inside this run's fit loops (validation included), summed over resumes
     through the checkpoints. lab.compare reports it as the wall time; MLflow's start/end would also
     count the hours between a kill and its resume."""
@@ -83,6 +100,7 @@ class TrainClock(L.Callback):
         return self.before + (time.monotonic() - self._start if self._start is not None else 0.0)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         self._start = time.monotonic()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -99,7 +117,7 @@ class TrainClock(L.Callback):
         self.before = float(state_dict.get("train_s", 0.0))
 
 
-class StageEnd(L.Callback):
+class StageEnd(EndOfTraining):
     """At the end of each curriculum stage (= Lightning epoch): HF export of the weights with its model card,
     generations from a fixed set of prompts (MLflow `generations/<index>-<stage>.md`) and a tag; at the end of
     training, the generations again (`generations/final.md`)."""
@@ -188,7 +206,7 @@ class StageEnd(L.Callback):
         return self._tokenizer
 
 
-class SourceTokens(L.Callback):
+class SourceTokens(EndOfTraining):
     """`tokens/<stage>/<source>` and `tokens/<source>`: tokens trained per source, at each stage end and at the end.
 
     Read off the curriculum's deterministic order (`counts(global_step)`), not counted batch by batch, so

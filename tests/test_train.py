@@ -392,3 +392,41 @@ def test_no_validation_blocks_is_a_clear_error(prepared_sample, tmp_path):
     (altered / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(LabError, match="no validation blocks"):
         datamodule(altered)
+
+
+def test_a_run_resumed_from_its_last_step_still_writes_its_end_records(tmp_path):
+    """Killed after its final checkpoint, a resumed run has nothing to train: Lightning skips the loop and its
+    on_train_epoch_end / on_train_end hooks, so the end-of-training records (tokens per source, the final clock,
+    the last stage's end) come from on_fit_end instead (lab.callbacks.EndOfTraining), once."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from lightning.pytorch.loggers import Logger
+
+    from lab.callbacks import SourceTokens, TrainClock
+
+    class Recorder(Logger):
+        name, version = "recorder", 0
+        logged: list[tuple[int, dict]] = []
+
+        def log_metrics(self, metrics, step=None):
+            self.logged.append((step, dict(metrics)))
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    def fit(ckpt_path=None):
+        recorder = Recorder()
+        recorder.logged = []
+        callbacks = [SourceTokens(lambda step: {"tokens/web": 64.0 * step}), TrainClock()]
+        trainer = L.Trainer(max_steps=4, limit_train_batches=4, callbacks=callbacks, logger=recorder, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path, enable_checkpointing=False, num_sanity_val_steps=0,
+                            limit_val_batches=0)
+        trainer.fit(BoringModel(), ckpt_path=ckpt_path)
+        return trainer, recorder.logged
+
+    trainer, first = fit()
+    assert (4, {"tokens/web": 256.0}) in first
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    _, resumed = fit(tmp_path / "last.ckpt")
+    assert [m for _, m in resumed if "tokens/web" in m] == [{"tokens/web": 256.0}]   # once, at the end
+    assert [step for step, m in resumed if "time/train_s" in m] == [4]
