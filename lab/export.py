@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shlex
 import sys
@@ -35,11 +36,56 @@ def export_hf(model: torch.nn.Module, folder: Path, tokenizer_dir: Path | None,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    write_portable_config(folder / "config.json", model.config)
     if tokenizer_dir is not None:
         if model_max_length is None:  # the model's own window, when it has one
             model_max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         save_tokenizer(Path(tokenizer_dir), folder, model_max_length)
     return folder
+
+
+def write_portable_config(path: Path, config: Any) -> None:
+    """Rewrite the saved config.json as plain JSON that transformers 4.x, 5.x and converters read the same way.
+
+    - transformers 5 writes an infinity as {"__float__": "Infinity"}, which 4.x passes on as a dict (Mamba2's
+      time_step_limit then fails in clamp()); plain JSON has no infinity at all. A field whose value is the config
+      class's own default is dropped, so every version fills in that default; any other non-finite value stays
+      in 5.x's form, with a warning.
+    - Falcon's multi-query block (multi_query, not new_decoder_architecture) has one K/V head whatever
+      num_kv_heads says, and converters that trust num_kv_heads mis-shape the model: it is written as 1.
+    """
+    written = json.loads(path.read_text(encoding="utf-8"))
+    defaults = _class_defaults(config)
+    for key in [k for k, v in written.items() if _has_non_finite(v)]:
+        if key in defaults and _same_value(getattr(config, key, None), defaults[key]):
+            del written[key]
+        else:
+            log.warning("%s: %s=%r is not finite; transformers 4.x and JSON tools cannot read it", path, key,
+                        getattr(config, key, None))
+    if written.get("multi_query") is True and written.get("new_decoder_architecture") is False:
+        written["num_kv_heads"] = 1
+    path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _class_defaults(config: Any) -> dict[str, Any]:
+    try:
+        return type(config)().to_dict()
+    except Exception:  # noqa: BLE001 - a class that needs arguments has no defaults to rely on
+        return {}
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, dict):
+        return "__float__" in value or any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_non_finite(v) for v in value)
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def save_tokenizer(tokenizer_dir: Path, folder: Path, model_max_length: int | None) -> None:
@@ -55,6 +101,8 @@ def save_tokenizer(tokenizer_dir: Path, folder: Path, model_max_length: int | No
     written = json.loads(config_file.read_text(encoding="utf-8"))
     config = {key: written[key] for key in PORTABLE_TOKENIZER_KEYS if key in written}
     config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    # 4.x's class adds token_type_ids, which no causal LM here takes: model.generate(**tok(prompt)) would fail
+    config["model_input_names"] = ["input_ids", "attention_mask"]
     # 4.x defaults to True for this class and would decode "a ." as "a."; 5.x does not: the same text in both
     config["clean_up_tokenization_spaces"] = False
     if model_max_length:  # else transformers' "unlimited" sentinel: tools then truncate nothing
