@@ -1,5 +1,5 @@
 # lab: every job has a target; `make help` lists them. Setup is idempotent (.venv, re-run when the
-# requirement files change) and installs torch first so nothing can swap it for a CUDA build.
+# requirement files change or the torch flavour switches) and installs torch first, alone, from the lock.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -27,29 +27,81 @@ MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-gpu demo test test-slow data data-sample train multirun sweep sweep-worker bakeoff study curriculum mlflow-server compare \
+.PHONY: help setup setup-gpu lock demo test test-slow data data-sample train multirun sweep sweep-worker bakeoff study curriculum mlflow-server compare \
         quantize eval bench-eval generate bench bench-data clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed ## create .venv from requirements.lock (every package pinned and hash-checked; CPU torch 2.13.0 first)
+setup: ## create .venv from the hashed lock for this machine's torch (cpu, or cuda where an NVIDIA GPU is; TORCH=cpu|cuda chooses)
+	@line=$$($(PYTHON) scripts/torch_flavour.py) || exit 1; echo "setup: $$line"; \
+	flavour=$${line%%:*}; flavour=$${flavour#torch=}; \
+	if [ "$$flavour" = cpu ] && [ -e $(VENV)/.cpu-torch-unreachable ] && [ -z "$(TORCH)" ]; then \
+	  echo "setup: using the cuda lock: torch $(TORCH_VERSION)+cpu could not be installed here before (rm $(VENV)/.cpu-torch-unreachable to retry)"; \
+	  flavour=cuda; fi; \
+	$(MAKE) --no-print-directory -q $(VENV)/.installed-$$flavour || $(MAKE) --no-print-directory $(VENV)/.installed-$$flavour
 
-# requirements.lock holds every package with its hashes (Linux x86-64, Python 3.11; its header is the
-# command that regenerates it). pip, setuptools and torch 2.13.0+cpu go in first, alone: the hash admits
-# that one file, so no CUDA build can replace it. The rest is built, where only an sdist exists, with
-# that setuptools (no build isolation: no unhashed build packages), then lab itself, then a consistency check.
-$(VENV)/.installed: requirements.lock pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	awk '/^[^ #]/ {keep = /^(pip|setuptools|torch)==/} keep' requirements.lock > $(VENV)/first.lock
-	$(PY) -m pip install -q --require-hashes --no-deps -r $(VENV)/first.lock
-	$(PY) -m pip install -q --require-hashes --no-build-isolation -r requirements.lock
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	$(PY) -m pip check
-	touch $@
+# make setup TORCH=cuda (or cpu) overrides the probe; empty: scripts/torch_flavour.py decides.
+TORCH ?=
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
+# Where the CPU build is tried when pip's own configuration has no torch X+cpu (never reached on this CI
+# image, whose find-links folder holds it).
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+# make itself, named so that `make -n` does not run the fallback line that holds it (it would install torch)
+RECURSE = $(MAKE)
+# The lock entries of NAMES (a regex) into FILE: $(call lock_entries,NAMES,LOCK,FILE)
+lock_entries = awk '/^[^ \#]/ {keep = /^($(1))==/} keep' $(2) > $(3)
+# A venv of the other flavour is cleared first: pip counts 2.13.0+cpu as satisfying torch==2.13.0, and
+# nvidia-* would linger. Then pip and setuptools, from the lock with their hashes.
+define fresh_venv
+	if [ -e $(VENV)/.installed-$(2) ]; then echo "setup: switching .venv from torch $(2) to $(1): re-installing"; \
+	  $(PYTHON) -m venv --clear $(VENV); else test -x $(PY) || $(PYTHON) -m venv $(VENV); fi
+	rm -f $(VENV)/.installed $(VENV)/.installed-$(2)
+	$(call lock_entries,pip|setuptools,requirements-$(1).lock,$(VENV)/bootstrap.lock)
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(VENV)/bootstrap.lock
+endef
+# The whole lock (what is already in, torch first, stays), where only an sdist exists built with the
+# lock's setuptools (no build isolation: no unhashed build packages), then lab itself, then a consistency
+# check. One shell line, so that the cpu rule can take it or the fallback.
+install_lock = $(PY) -m pip install -q --require-hashes --no-build-isolation -r requirements-$(1).lock && \
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . && \
+	$(PY) -m pip check && \
+	echo "$(1)" > $(VENV)/torch-flavour && touch $(VENV)/.installed-$(1) $(VENV)/.installed
 
-setup-gpu: setup ## GPU extras on a GPU machine: build and install mamba-ssm, causal-conv1d with nvcc (run `scripts/build_gpu_kernels.sh download` where PyPI is reachable first)
+# CPU: torch X+cpu first, alone (its hash admits that one file), from pip's own configuration (here the
+# find-links folder /opt/wheels); else PyTorch's CPU index for that one line; else the cuda lock, whose
+# torch (PyPI's default build) runs on the CPU too.
+$(VENV)/.installed-cpu: requirements-cpu.lock pyproject.toml
+	$(call fresh_venv,cpu,cuda)
+	$(call lock_entries,torch,requirements-cpu.lock,$(VENV)/torch.lock)
+	if $(PY) -m pip install -q --require-hashes --no-deps -r $(VENV)/torch.lock || \
+	   { echo "setup: torch $(TORCH_VERSION)+cpu is not among pip's sources here; trying PyTorch's CPU index ($(TORCH_CPU_INDEX))" && \
+	     $(PY) -m pip install -q --require-hashes --no-deps --index-url $(TORCH_CPU_INDEX) -r $(VENV)/torch.lock; }; then \
+	  $(call install_lock,cpu); \
+	else echo "setup: no torch $(TORCH_VERSION)+cpu with the lock's hash on PyTorch's CPU index either; falling back to the cuda lock (PyPI's default build, which runs on the CPU too)" && \
+	  touch $(VENV)/.cpu-torch-unreachable && $(RECURSE) --no-print-directory $(VENV)/.installed-cuda; fi
+
+# CUDA: torch X as PyPI serves it on Linux x86-64 first, alone; its nvidia-* and triton come with the lock.
+$(VENV)/.installed-cuda: requirements-cuda.lock pyproject.toml
+	$(call fresh_venv,cuda,cpu)
+	$(call lock_entries,torch,requirements-cuda.lock,$(VENV)/torch.lock)
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(VENV)/torch.lock
+	$(call install_lock,cuda)
+
+lock: ## regenerate requirements-{cpu,cuda,gpu-kernels}.lock from pyproject.toml + constraints.txt (uv 0.13.9, from PyPI)
+	bash scripts/lock.sh
+
+# The fused kernels of requirements-gpu-kernels.lock (sdists only on PyPI), hash-checked, compiled by
+# scripts/build_gpu_kernels.sh against the cuda lock's torch. The probe stops a machine without a GPU first.
+setup-gpu: ## on an NVIDIA GPU machine: cuda .venv + mamba-ssm and causal-conv1d compiled with nvcc (one error line elsewhere)
+	@line=$$($(PYTHON) scripts/torch_flavour.py --need-gpu) || exit 1; echo "setup-gpu: $$line"
+	$(MAKE) --no-print-directory setup TORCH=cuda
+	$(MAKE) --no-print-directory $(VENV)/.gpu-kernels
+
+$(VENV)/.gpu-kernels: requirements-gpu-kernels.lock $(VENV)/.installed-cuda
+	PYTHON=$(PY) bash scripts/build_gpu_kernels.sh download
 	PYTHON=$(PY) bash scripts/build_gpu_kernels.sh build
+	touch $@
 
 demo: setup ## prepare the sample, train all five archs (tiny, CPU), print the comparison table
 	$(PY) -m lab.prepare $(DEMO_DATA)

@@ -2,7 +2,8 @@
 # Fused CUDA kernels for the SSM arch (causal-conv1d, mamba-ssm), built from source against the torch
 # that is installed, for the GPU that is present. Neither package is needed on a CPU machine.
 #
-#   scripts/build_gpu_kernels.sh download [DIR]  # where PyPI is reachable: kernel sdists + the pure-Python
+#   scripts/build_gpu_kernels.sh download [DIR]  # where PyPI is reachable: requirements-gpu-kernels.lock's files,
+#                                                # hash-checked (kernel sdists, einops, ninja), + the pure-Python
 #                                                # wheels lab.bench needs beyond a stock CUDA image
 #   scripts/build_gpu_kernels.sh build [DIR]     # on the GPU machine, offline: compile wheels into DIR/built,
 #                                                # install them and the carried wheels, then check
@@ -13,7 +14,8 @@
 #   PYTHON                  interpreter holding the CUDA torch (default: python3)
 #   TORCH_CUDA_ARCH_LIST    archs to compile for (default: the visible GPU's, e.g. "9.0" on H100/H200)
 #   MAX_JOBS                parallel compile jobs (default: cores / 4; nvcc runs 4 threads per job)
-#   CAUSAL_CONV1D_VERSION, MAMBA_SSM_VERSION   sdists to fetch (default 1.7.0, 2.3.2.post1)
+# The versions and sha256 hashes are requirements-gpu-kernels.lock's (PyPI serves only sdists of both
+# kernels; scripts/lock.sh pins them). `make setup-gpu` runs download + build into the cuda .venv.
 #
 # Why it is done this way:
 # - The packages' setup.py would download a prebuilt wheel from GitHub; offline that fails, so
@@ -34,8 +36,10 @@ ROOT=$(pwd)
 CMD=${1:-}
 DIR=${2:-${WHEELHOUSE:-$ROOT/.whl}}
 PYTHON=${PYTHON:-python3}
-CAUSAL_CONV1D_VERSION=${CAUSAL_CONV1D_VERSION:-1.7.0}
-MAMBA_SSM_VERSION=${MAMBA_SSM_VERSION:-2.3.2.post1}
+KERNELS_LOCK=$ROOT/requirements-gpu-kernels.lock
+locked_version() { sed -n "s/^$1==\([^ ]*\).*/\1/p" "$KERNELS_LOCK"; }
+CAUSAL_CONV1D_VERSION=$(locked_version causal-conv1d)
+MAMBA_SSM_VERSION=$(locked_version mamba-ssm)
 # Pure-Python pins lab.bench needs that a stock CUDA image lacks (or has at another version).
 BENCH_WHEELS=(transformers==5.23.0 hydra-core==1.4.0rc3 omegaconf==2.4.1rc1)
 
@@ -45,12 +49,13 @@ say() { echo "build_gpu_kernels: $*"; }
 download() {
     mkdir -p "$DIR"
     # metadata generation runs setup.py; skipping its CUDA part lets it run without nvcc or a GPU
+    # --require-hashes: every file must match the lock (the kernels exist on PyPI as sdists only)
     CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE \
-        "$PYTHON" -m pip download --no-deps --no-binary :all: --no-build-isolation -d "$DIR" \
-        "causal-conv1d==$CAUSAL_CONV1D_VERSION" "mamba-ssm==$MAMBA_SSM_VERSION"
+        "$PYTHON" -m pip download --no-deps --require-hashes --no-build-isolation -d "$DIR" -r "$KERNELS_LOCK" \
+        || die "could not fetch requirements-gpu-kernels.lock's files with their hashes from the package index"
     # the GPU image's python is 3.12; these are pure Python, so one wheel fits any platform
     "$PYTHON" -m pip download --no-deps --only-binary :all: --python-version 3.12 -d "$DIR" \
-        "${BENCH_WHEELS[@]}" einops
+        "${BENCH_WHEELS[@]}"
     say "fetched into $DIR:"; ls -1 "$DIR"
 }
 
@@ -94,6 +99,11 @@ build() {
     say "torch $torch_version (CUDA $torch_cuda), nvcc $nvcc_cuda, $gpu_name"
     say "compiling for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST with MAX_JOBS=$MAX_JOBS"
 
+    # ninja (parallel extension builds; without it torch compiles one file after another) and einops
+    # (imported by mamba_ssm), fetched and hash-checked by `download`
+    local helpers=("$DIR"/ninja-*.whl "$DIR"/einops-*.whl)
+    [ -f "${helpers[0]}" ] && [ -f "${helpers[1]}" ] || die "no ninja/einops wheels in $DIR: run '$0 download' first"
+    "$PYTHON" -m pip install -q --no-deps --no-index "${helpers[@]}"
     local work="$DIR/src" out="$DIR/built"
     rm -rf "$work"; mkdir -p "$work" "$out"
     for sdist in "$DIR/causal_conv1d-$CAUSAL_CONV1D_VERSION.tar.gz" "$DIR/mamba_ssm-$MAMBA_SSM_VERSION.tar.gz"; do
@@ -155,5 +165,5 @@ case "$CMD" in
     build) build ;;
     install) install ;;
     check) check ;;
-    *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; [ -z "$CMD" ] && exit 0 || exit 2 ;;
+    *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; [ -z "$CMD" ] && exit 0 || exit 2 ;;
 esac
