@@ -71,8 +71,9 @@ def model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
 
 
 def flex_available(device: torch.device | str) -> bool:
-    """Flex attention compiles to a fused kernel on CUDA only; on CPU it would compile an inductor C++
-    kernel per shape (slow to build, slower than SDPA), so CPU runs never choose it."""
+    """Whether `auto` may choose flex attention here. On CPU (torch 2.13) flex runs forward only: its backward
+    raises NotImplementedError, and each shape compiles an inductor C++ kernel first (~10 s), so a CPU run
+    never chooses it (train.attention=flex_attention still forces it, e.g. for inference checks)."""
     if torch.device(device).type != "cuda":
         return False
     try:
