@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict, read_write
 
 from lab import CONF_DIR
+from lab import launchers as _launchers  # noqa: F401 - registers conf/hydra's resolvers, as the commands do
 
 
 def compose_config(config_name: str, overrides: list[str], run_dir: Path | None = None,

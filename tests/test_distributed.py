@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,15 +57,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(prepared: Path, run_dir: Path, store: str, nnodes: int, node_rank: int, nproc: int, port: int,
-             *extra: str) -> subprocess.Popen:
+# torchrun --no-python runs this shell line for each worker: rank 1 starts LAB_DELAY_RANK_1 seconds after rank 0
+DELAYED_RANK_1 = 'if [ "$RANK" = 1 ]; then sleep "$LAB_DELAY_RANK_1"; fi; exec "$0" "$@"'
+
+
+def torchrun(prepared: Path, run_dir: Path | None, store: str, nnodes: int, node_rank: int, nproc: int, port: int,
+             *extra: str, delay_rank_1_s: float = 0) -> subprocess.Popen:
+    """A torchrun agent training the tiny model; run_dir None: the run folder Hydra names (conf/hydra/default.yaml)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(PROJECT_ROOT)}
+           "PYTHONPATH": str(PROJECT_ROOT), "LAB_DELAY_RANK_1": str(delay_rank_1_s)}
+    worker = ["--no-python", "sh", "-c", DELAYED_RANK_1, sys.executable] if delay_rank_1_s else []
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
-           f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "lab.train",
+           f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={port}", *worker, "-m", "lab.train",
            *tiny_train_overrides(prepared), "trainer=ddp", "trainer.accelerator=cpu", f"trainer.devices={nproc}",
            f"trainer.num_nodes={nnodes}", "trainer.precision=32-true", "train.val_max_blocks=4",
-           "run_name=torchrun", f"hydra.run.dir={run_dir}", *extra]
+           "run_name=torchrun", *([f"hydra.run.dir={run_dir}"] if run_dir else []), *extra]
     return subprocess.Popen(cmd, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
@@ -102,14 +109,24 @@ def test_torchrun_two_processes_train_one_mlflow_run(prepared_sample, tmp_path):
     assert metrics["val/loss"] == pytest.approx(single["val/loss"], rel=2e-3)
 
 
-@pytest.mark.slow  # two torchrun agents, c10d-style static rendezvous on 127.0.0.1 (~1 min on 2 cores)
-def test_two_torchrun_nodes_on_localhost(prepared_sample, tmp_path):
+@pytest.mark.slow  # two torchrun agents, static rendezvous on 127.0.0.1 (~1 min on 2 cores)
+def test_two_torchrun_nodes_started_seconds_apart_share_one_run_folder(prepared_sample, tmp_path):
+    """Without hydra.run.dir each rank names the folder from the time: node 1's agent starts 2 s after node 0's and
+    its rank 3 s after rank 0, in another second, yet both ranks write into rank 0's folder and the export is there."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     port = free_port()
-    nodes = [torchrun(prepared_sample, tmp_path / f"node{rank}", store, 2, rank, 1, port) for rank in range(2)]
+    nodes = []
+    for rank in range(2):
+        nodes.append(torchrun(prepared_sample, None, store, 2, rank, 1, port, f"paths.root_dir={tmp_path}",
+                              delay_rank_1_s=3))
+        time.sleep(2)
     finish(nodes)
     one_finished_run(store)
-    load_model(tmp_path / "node0" / "hf")
+    folders = sorted(p.name for p in (tmp_path / "outputs" / "torchrun").iterdir())
+    assert len(folders) == 1, folders
+    run_dir = tmp_path / "outputs" / "torchrun" / folders[0]
+    load_model(run_dir / "hf")
+    assert (run_dir / "mlflow_run_id").is_file()
 
 
 @pytest.mark.slow  # two torchrun launches (~1 min on 2 cores)
