@@ -19,6 +19,22 @@ from lab import LabError
 from lab.export import (export_from_trainer, gathered_weights, mlflow_run_of, model_from_weights, training_command,
                         weights_are_sharded)
 from lab.generations import GenerationSpec
+from lab.mlflow_run import drain_metrics
+
+
+def is_logging_step(trainer: L.Trainer) -> bool:
+    """Whether Lightning writes this training step's metrics to the loggers (every trainer.log_every_n_steps-th).
+    A value logged on any other step is kept as a tensor and never sent: the step path logs only on these."""
+    connector = trainer._logger_connector  # the predicate Lightning itself applies (update_train_step_metrics)
+    return bool(connector.should_update_logs or trainer.fast_dev_run)
+
+
+def log_host_metrics(trainer: L.Trainer, metrics: dict[str, float]) -> None:
+    """Python floats straight to the loggers, at the step Lightning gives the step's own metrics (its count of
+    optimizer steps before this one): no device tensor, no host sync."""
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -46,14 +62,17 @@ class EndOfTraining(L.Callback):
 
 
 class Throughput(L.Callback):
-    """tokens/s over each logging window, MFU from the family's FLOPs per token, peak memory."""
+    """tokens/s over each logging window, MFU from the family's FLOPs per token, peak memory.
+
+    A step ends at a mark: perf_counter on CPU; on a GPU a CUDA event recorded on the stream, so the host does not
+    wait for the step. The window's last event is waited for once, when its statistics are computed."""
 
     def __init__(self, flops_per_token: float | None, peak_flops: float | None, window: int = 10):
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.window = window
-        self._step_times: list[float] = []
-        self._last: float | None = None
+        self._steps: list[tuple[Any, Any]] = []  # (start mark, end mark) of each timed step in the window
+        self._last: Any = None
         self._last_step = -1
         self.tokens_per_s: float | None = None
 
@@ -64,15 +83,13 @@ class Throughput(L.Callback):
         if trainer.global_step == self._last_step:
             return  # mid-accumulation: the optimizer step has not happened yet
         self._last_step = trainer.global_step
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        now = time.perf_counter()
+        mark = self._mark(pl_module.device)
         if self._last is not None:
-            self._step_times.append(now - self._last)
-        self._last = now
-        if len(self._step_times) >= self.window:
-            step_time = statistics.median(self._step_times)
-            self._step_times.clear()
+            self._steps.append((self._last, mark))
+        self._last = mark
+        if len(self._steps) >= self.window:
+            step_time = statistics.median(self._step_seconds())
+            self._steps.clear()
             self.tokens_per_s = pl_module.tokens_per_step / step_time
             metrics = {"throughput/tokens_per_s": self.tokens_per_s, "throughput/step_time_s": step_time,
                        "memory/peak_gb": peak_memory_gb(pl_module.device)}
@@ -81,7 +98,21 @@ class Throughput(L.Callback):
                 metrics["throughput/tflops_per_device"] = per_device * self.flops_per_token / 1e12
                 if self.peak_flops:  # known for GPUs (lab/flops.py table) or set by LAB_PEAK_TFLOPS
                     metrics["throughput/mfu"] = per_device * self.flops_per_token / self.peak_flops
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+            log_host_metrics(trainer, metrics)
+
+    @staticmethod
+    def _mark(device: torch.device) -> Any:
+        if device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(device))
+        return event
+
+    def _step_seconds(self) -> list[float]:
+        if isinstance(self._steps[-1][1], float):
+            return [end - start for start, end in self._steps]
+        self._steps[-1][1].synchronize()  # the window's one wait: every earlier event has completed too
+        return [start.elapsed_time(end) / 1e3 for start, end in self._steps]
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last = None  # validation time is not step time
@@ -104,7 +135,8 @@ class TrainClock(EndOfTraining):
         self._start = time.monotonic()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        pl_module.log("time/train_s", self.elapsed(), on_step=True, on_epoch=False)
+        if is_logging_step(trainer):
+            log_host_metrics(trainer, {"time/train_s": self.elapsed()})
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for logger in trainer.loggers:  # the last value, not the last logging interval's
@@ -153,6 +185,7 @@ class StageEnd(EndOfTraining):
         sharded = weights_are_sharded(trainer)
         weights = gathered_weights(trainer) if self.export or (sharded and self.generations.enabled) else None
         if self.export:
+            drain_metrics(trainer.loggers)  # the model card reads the stage end's validation from the run
             metrics = self.source_tokens(trainer.global_step) if self.source_tokens else None
             export_from_trainer(trainer, pl_module, self.output_dir / "hf_stages" / f"{index}-{name}",
                                 self.tokenizer_dir, model_max_length=self.seq_len, weights=weights,
@@ -233,22 +266,53 @@ class SourceTokens(EndOfTraining):
 
 
 class StepLog(L.Callback):
-    """Appends {step, loss, lr} per optimizer step to steps.jsonl: a plain record that survives a kill."""
+    """Appends {step, loss, lr} per optimizer step to steps.jsonl: a plain record that survives a kill.
+
+    The file stays open for the run and each line is flushed to the OS as it is written, so a `kill -9` keeps
+    every line up to the step it died in. The loss is the float the module already read for its loss guard
+    (`loss_value` in the step's output): writing it costs no read of the device."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._file: Any = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        loss = step_loss(outputs)
         if not trainer.is_global_zero or loss is None:
             return  # a step the loss guard skipped has no loss
         lr = trainer.optimizers[0].param_groups[0]["lr"]
-        with self.path.open("a") as handle:
-            handle.write(json.dumps({"step": trainer.global_step, "loss": float(loss), "lr": lr}) + "\n")
+        if self._file is None:
+            self._file = self.path.open("a")
+        self._file.write(json.dumps({"step": trainer.global_step, "loss": loss, "lr": lr}) + "\n")
+        self._file.flush()
         fault_step = os.environ.get("LAB_FAULT_KILL_AT_STEP")
         if fault_step and trainer.global_step == int(fault_step):
             # Test hook: die like `kill -9` would, with no cleanup, to prove resume is exact.
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._close()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._close()
+
+
+def step_loss(outputs: Any) -> float | None:
+    """The training step's loss as a Python float: the module's own read (`loss_value`), else the loss tensor
+    (a module that returns only a tensor pays one read here); None for a skipped step."""
+    if isinstance(outputs, dict):
+        if outputs.get("loss_value") is not None:
+            return float(outputs["loss_value"])
+        outputs = outputs.get("loss")
+    return None if outputs is None else float(outputs)
 
 
 class Energy(L.Callback):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lab import LabError
+from lab.callbacks import is_logging_step
 from lab.datamodule import DataInfo
 from lab.kernels import FastPaths, apply_fast_paths, causal_lm_loss, compile_model
 from lab.models import build_config, build_model, check_hf_folder, count_params
@@ -87,44 +88,75 @@ class CausalLMModule(L.LightningModule):
         return causal_lm_loss(self.model, input_ids, chunk_size=self.settings.train.loss_chunk_size)
 
     # -- training -----------------------------------------------------------------------------------------
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
+    # The step's path reads the device once: the loss, for the guard (it must decide before the backward). The
+    # guard, the running mean and the step log (StepLog, through the step's output) all use that one float;
+    # every other metric stays a tensor, logged only on the steps Lightning writes to the loggers.
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, Any] | None:
         loss = self.loss(batch)
-        if self._is_bad(loss):
-            return self._handle_bad_step(loss)
         value = loss.detach().float().item()
+        if self._is_bad(value, loss.device):
+            return self._handle_bad_step(value)
         self._loss_ema = value if self._loss_ema is None else 0.95 * self._loss_ema + 0.05 * value
-        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=batch.shape[0])
-        return loss
+        if is_logging_step(self.trainer):
+            self.log("train/loss", loss.detach(), on_step=True, prog_bar=self._has_progress_bar(),
+                     batch_size=batch.shape[0])
+        return {"loss": loss, "loss_value": value}
 
-    def _is_bad(self, loss: torch.Tensor) -> bool:
+    def _is_bad(self, value: float, device: torch.device) -> bool:
         guard = self.settings.train.guard
-        bad = not torch.isfinite(loss.detach()).item()
+        bad = not math.isfinite(value)
         if not bad and self._loss_ema is not None and self.global_step >= guard.warmup_steps:
-            bad = loss.detach().item() > guard.spike_factor * self._loss_ema
+            bad = value > guard.spike_factor * self._loss_ema
         if self.trainer.world_size > 1:  # every rank must agree, or the skipped rank hangs in all-reduce
-            flag = torch.tensor(float(bad), device=loss.device)
+            flag = torch.tensor(float(bad), device=device)
             bad = bool(self.trainer.strategy.reduce(flag, reduce_op="max").item())
         return bad
 
-    def _handle_bad_step(self, loss: torch.Tensor) -> None:
+    def _handle_bad_step(self, value: float) -> None:
         guard = self.settings.train.guard
         self.skipped_steps += 1
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
-        detail = f"loss {loss.detach().item():.4g} at step {self.global_step} (running mean {self._loss_ema})"
+        detail = f"loss {value:.4g} at step {self.global_step} (running mean {self._loss_ema})"
         if guard.action == "stop" or self.skipped_steps > guard.max_skips:
             self.stop_reason = f"loss guard stopped the run: {detail}; skipped steps so far: {self.skipped_steps}"
             self.trainer.should_stop = True
         return None  # Lightning then skips backward and the optimizer step for this batch
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = [p.grad.detach().norm(2) for p in self.parameters() if p.grad is not None]
-        if not norms:
-            return
-        norm = torch.stack(norms).norm(2)
+    def _has_progress_bar(self) -> bool:
+        # a prog_bar metric is read to the host (.item()) at every step, bar or no bar
+        return self.trainer.progress_bar_callback is not None
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, except that the clip by norm is done here so that the norm it computes is the one
+        logged (`train/grad_norm`), not computed a second time. The same call as Lightning's
+        (Precision.clip_grad_by_norm: clip_grad_norm_ over the optimizer's parameters, in its order), so the clipped
+        gradients are bit for bit the same. Sharded gradients and other precision plugins keep Lightning's path."""
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+        precision = self.trainer.precision_plugin
+        by_norm = bool(gradient_clip_val) and (gradient_clip_algorithm or "norm") == "norm"
+        scaled_inside_optimizer = (isinstance(precision, MixedPrecision) and precision.scaler is not None
+                                   and getattr(optimizer, "_step_supports_amp_scaling", False))
+        plain_norm_clip = (by_norm and not self._grads_are_sharded() and not scaled_inside_optimizer
+                           and type(precision).clip_grad_by_norm is Precision.clip_grad_by_norm)
+        if plain_norm_clip:
+            norm = torch.nn.utils.clip_grad_norm_(precision.main_params(optimizer), gradient_clip_val)
+        else:  # Lightning's own checks and clipping (value clipping, FSDP, a GradScaler the optimizer applies)
+            self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                                gradient_clip_algorithm=gradient_clip_algorithm)
+            norm = None
+        # (a step the loss guard skipped has no gradients, and no norm to log)
+        if is_logging_step(self.trainer) and any(p.grad is not None for p in self.parameters()):
+            self.log("train/grad_norm", norm if norm is not None else self._grad_norm(), on_step=True)
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The total gradient norm, for logging when clipping did not compute it (the gradients as they are now)."""
+        norm = torch.stack([p.grad.detach().norm(2) for p in self.parameters() if p.grad is not None]).norm(2)
         if self._grads_are_sharded():
             # each rank holds a shard of every gradient: the global norm sums the squares over ranks
             norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
-        self.log("train/grad_norm", norm, on_step=True)
+        return norm
 
     def _grads_are_sharded(self) -> bool:
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
@@ -132,6 +164,8 @@ class CausalLMModule(L.LightningModule):
         return self.trainer.world_size > 1 and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
 
     def on_train_batch_end(self, outputs: Any, batch: torch.Tensor, batch_idx: int) -> None:
+        if not is_logging_step(self.trainer):
+            return  # host floats become device tensors when logged: only on the steps that are written
         self.log("tokens_seen", float(self.global_step * self.tokens_per_step), on_step=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
         self.log("stage", float(self.schedule.stage_at(self.global_step)), on_step=True)
@@ -165,7 +199,7 @@ class CausalLMModule(L.LightningModule):
             if source in self._stage_end_val:
                 # forgetting: how far this domain moved since the last stage that trained on it
                 self.log(f"val/{source}/forgetting", loss - self._stage_end_val[source], sync_dist=False)
-        self.log("val/loss", (total[0] / total[1]).item(), prog_bar=True, sync_dist=False)
+        self.log("val/loss", (total[0] / total[1]).item(), prog_bar=self._has_progress_bar(), sync_dist=False)
         self.last_val_step = self.global_step
         self._remember_stage_end(losses)
 
