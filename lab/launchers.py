@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import random
+import socket
 import sys
 import time
 import types
@@ -41,6 +42,7 @@ if not OmegaConf.has_resolver("lab.job_gpu"):
 
 # Other ranks wait this long for rank 0 to name the run folder: on a loaded machine it may start many seconds late.
 RANK_ZERO_WAIT_S = 600
+AGENT_STORE_CONNECT_S = 30
 
 _agreed_moments: dict[tuple[str, ...], datetime] = {}  # per process: every folder of one job, one moment
 
@@ -92,13 +94,17 @@ def rank_zero_moment(env: Mapping[str, str]) -> datetime:
     if cache_key in _agreed_moments:
         return _agreed_moments[cache_key]
     try:
-        store = TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=RANK_ZERO_WAIT_S))
+        # The agent's store is up before any worker starts: one that does not answer soon is not there. Asked
+        # first with a plain socket, as torch's own client prints a C++ stack on the console when it cannot connect.
+        socket.create_connection((host, int(port)), timeout=AGENT_STORE_CONNECT_S).close()
+        store = TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=AGENT_STORE_CONNECT_S))
+        store.set_timeout(timedelta(seconds=RANK_ZERO_WAIT_S))
         if rank == "0":
             moment = datetime.now()
             store.set(key, moment.isoformat())
         else:
             moment = datetime.fromisoformat(store.get(key).decode())
-    except (RuntimeError, ValueError) as err:  # torch's DistStoreError (timeout, refused) is a RuntimeError
+    except (OSError, RuntimeError, ValueError) as err:  # torch's DistStoreError (timeout, refused) is a RuntimeError
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise LabError(f"rank {rank}: cannot agree on the run folder through torchrun's store at {host}:{port} "
                        f"({reason}); did rank 0 fail to start?") from None

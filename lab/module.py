@@ -20,7 +20,7 @@ from torch import nn
 from lab import LabError
 from lab.callbacks import is_logging_step
 from lab.datamodule import DataInfo
-from lab.kernels import FastPaths, apply_fast_paths, causal_lm_loss, compile_model
+from lab.kernels import FLEX, FastPaths, apply_fast_paths, causal_lm_loss, compile_model
 from lab.models import build_config, build_model, check_hf_folder, count_params
 from lab.schedules import StepSchedule, lr_multiplier
 from lab.settings import TrainSettings
@@ -72,7 +72,11 @@ class CausalLMModule(L.LightningModule):
         if self.fast_paths is not None:
             return
         train = self.settings.train
-        self.fast_paths = apply_fast_paths(self.model, self.trainer.strategy.root_device, attention=train.attention)
+        device = self.trainer.strategy.root_device
+        if train.attention == FLEX and device.type != "cuda":
+            raise LabError(f"train.attention={FLEX} trains on CUDA only: torch has no backward for it on {device.type}; "
+                           "use train.attention=auto (or sdpa)")
+        self.fast_paths = apply_fast_paths(self.model, device, attention=train.attention)
         for note in self.fast_paths.notes:
             log.info("fast paths: %s", note)
         if train.compile:

@@ -28,6 +28,12 @@ WORK=${GPU_CHECK_WORK:-$(mktemp -d -t gpu_check.XXXXXX)}
 PY=${GPU_CHECK_PYTHON:-.venv/bin/python}
 STEPS=${GPU_CHECK_STEPS:-setup,env,gpu_tests,bench,decode}
 BENCH_ARCHS=${GPU_CHECK_BENCH_ARCHS:-llama_gqa,mistral_swa,falcon_mqa,mamba2,llama_mha}
+for name in ${STEPS//,/ }; do
+  case $name in
+    setup | env | gpu_tests | bench | decode) ;;
+    *) echo "error: GPU_CHECK_STEPS names '$name': choose from setup,env,gpu_tests,bench,decode" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$OUT/logs" "$WORK"
 : >"$OUT/steps.tsv"
 # The checks' own MLflow runs stay in the scratch folder, out of the project's store.

@@ -120,3 +120,11 @@ def test_report_without_its_folder_is_one_error_line(args):
     done = subprocess.run([sys.executable, str(REPORT), *args], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["error: give the gpu_check output folder (the one holding steps.tsv)"]
+
+
+@pytest.mark.parametrize("steps", ["benhc", "env,decoder", "env;bench"])
+def test_an_unknown_step_is_one_error_line_before_anything_runs(tmp_path, steps):
+    done, out = run_check(tmp_path, steps)
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith("error: GPU_CHECK_STEPS names '") and "choose from setup,env,gpu_tests" in done.stderr

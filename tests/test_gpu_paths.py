@@ -125,6 +125,19 @@ def test_train_compile_true_gives_the_eager_losses(prepared_sample, tmp_path, fr
     assert counters["stats"]["unique_graphs"] == 2  # training (grad) and validation (no_grad) graphs
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU")
+def test_flex_attention_asked_for_on_a_cpu_is_one_line_before_the_first_step(prepared_sample, tmp_path):
+    """torch has no CPU backward for flex attention: training would die at the first backward with a traceback."""
+    from lab import LabError
+    from lab.train import train
+
+    cfg = compose_config("train", tiny_train_overrides(prepared_sample, "arch=mistral_swa", "train.attention=flex_attention",
+                                                       "train.export_hf=false"), run_dir=tmp_path / "run")
+    with pytest.raises(LabError, match="train.attention=flex_attention trains on CUDA only"):
+        train(cfg)
+    assert not (tmp_path / "run" / "steps.jsonl").exists()
+
+
 # --- the sliding window: the lab's mask against a plain softmax reference -------------------------------------
 
 def reference_attention(query, key, value, window: int | None) -> torch.Tensor:

@@ -5,6 +5,7 @@ TCPStore on 127.0.0.1."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from datetime import datetime, timedelta
@@ -109,6 +110,22 @@ def test_rank_zero_never_naming_the_folder_is_one_line_after_the_wait(agent_stor
     monkeypatch.setattr(launchers, "RANK_ZERO_WAIT_S", 1)
     with pytest.raises(LabError, match="rank 1: cannot agree on the run folder .* did rank 0 fail to start"):
         launchers.rank_zero_moment(torchrun_env(agent_store, 1, run_id="job-without-rank-0"))
+
+
+@pytest.mark.parametrize("port", ["closed", "notaport"])
+def test_a_store_that_is_not_there_is_one_line_at_once(port, capfd):
+    """No agent at MASTER_ADDR:MASTER_PORT (a worker started by hand with torchrun's variables): refused at once,
+    with no C++ stack from torch's store client on the console."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    env = {"TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_USE_AGENT_STORE": "True", "WORLD_SIZE": "2", "RANK": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(closed) if port == "closed" else port}
+    started = time.monotonic()
+    with pytest.raises(LabError, match="rank 1: cannot agree on the run folder through torchrun's store"):
+        launchers.rank_zero_moment(env)
+    assert time.monotonic() - started < 10
+    assert "frame #" not in capfd.readouterr().err
 
 
 def test_srun_tasks_are_named_by_their_job_and_step(monkeypatch):
