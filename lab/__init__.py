@@ -36,8 +36,8 @@ PROJECT_ROOT = Path(os.environ.setdefault("PROJECT_ROOT", str(_find_project_root
 CONF_DIR = PROJECT_ROOT / "conf"
 # What the user's config `_target_`s may instantiate (Hydra 1.4 asks call sites for an execution whitelist):
 # the Trainer of conf/trainer and the pruning callback of conf/callbacks. Arch configs are built without
-# instantiate (lab/models.py), and nothing read from a checkpoint or model folder is ever instantiated.
-TRUSTED_TARGETS = ["lightning.pytorch.*", "lab.pruning.OptunaPruning"]
+# instantiate (lab/models/build.py), and nothing read from a checkpoint or model folder is ever instantiated.
+TRUSTED_TARGETS = ["lightning.pytorch.*", "lab.cluster.pruning.OptunaPruning"]
 
 
 # The exit status of every lab command that stops on an error it has explained.

@@ -8,10 +8,10 @@
 One step is what the trainer does per optimizer step: zero_grad, forward + loss, backward, gradient
 clipping, AdamW step. Each (arch, setting) runs `warmup` untimed steps (compilation, autotuning,
 allocator warm-up), then `steps` timed ones; the table reports the median step time and tokens/s, MFU
-from lab.flops, and peak GPU memory. Settings:
+from lab.models.flops, and peak GPU memory. Settings:
 
   plain  transformers' default attention (SDPA), no compile, transformers' loss, AdamW (foreach)
-  tuned  lab.kernels.apply_fast_paths (flex for windows on CUDA, SDPA fixes, SSM kernel check),
+  tuned  lab.models.kernels.apply_fast_paths (flex for windows on CUDA, SDPA fixes, SSM kernel check),
          torch.compile (on CUDA), chunked LM-head loss, fused AdamW (CUDA), micro-batch filling the card
 
 `--batch auto` (the default) doubles the micro-batch until a tuned eager step runs out of GPU memory, and
@@ -39,12 +39,13 @@ import torch
 from omegaconf import OmegaConf
 
 from lab import CONF_DIR, PROJECT_ROOT, LabError, report_error
-from lab.flops import flops_per_token, layer_kinds, mfu, peak_flops
-from lab.kernels import apply_fast_paths, causal_lm_loss, compile_model, set_attention
-from lab.model_io import resolve_device, sync
-from lab.models import build_config, build_model
-from lab.tables import markdown_table
-from lab.units import GB
+from lab.models.flops import flops_per_token, layer_kinds, mfu, peak_flops
+from lab.models.kernels import apply_fast_paths, causal_lm_loss, compile_model, set_attention
+from lab.models.loading import resolve_device, sync
+from lab.models.build import build_config
+from lab.models.arch import build_model
+from lab.runs.tables import markdown_table
+from lab.config.units import GB
 
 log = logging.getLogger("lab.bench")
 
@@ -56,11 +57,11 @@ CLIP_NORM = 1.0
 @dataclass(frozen=True)
 class Setting:
     name: str
-    attention: str          # "auto": lab.kernels' choice for the device; else an attn_implementation
+    attention: str          # "auto": lab.models.kernels' choice for the device; else an attn_implementation
     compile: bool
     loss_chunk: int | None  # tokens per LM-head chunk; None: transformers' loss
     fused_adamw: bool
-    fast_paths: bool        # lab.kernels.apply_fast_paths (SDPA fixes) on top of the attention choice
+    fast_paths: bool        # lab.models.kernels.apply_fast_paths (SDPA fixes) on top of the attention choice
 
 
 @dataclass
@@ -213,7 +214,7 @@ def max_batch(make_run: Callable[[], Run], seq_len: int, limit: int = MAX_AUTO_B
 
 
 def measure(run: Run, batch: int, seq_len: int, warmup: int, steps: int) -> tuple[list[float], float, float | None]:
-    """(step times in s, last loss, peak GB: lab.units.GB); the first `warmup` steps are not timed."""
+    """(step times in s, last loss, peak GB: lab.config.units.GB); the first `warmup` steps are not timed."""
     device = run.device
     tokens = random_batch(batch, seq_len, run.vocab, device)
     if device.type == "cuda":

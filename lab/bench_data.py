@@ -30,12 +30,13 @@ import numpy as np
 import psutil
 
 from lab import PROJECT_ROOT, LabError, report_error
-from lab.compose import compose_config
+from lab.config.compose import compose_config
 from lab.data.manifest import summary_table
 from lab.data.parallel import resolve_workers
 from lab.data.pipeline import Settings
 from lab.data.tokenizer import format_report
-from lab.units import GiB, MiB
+from lab.config.units import GiB, MiB
+from lab.data.dedup import MinHasher, ShardArrays, deduplicate
 
 log = logging.getLogger("lab.bench_data")
 
@@ -142,7 +143,6 @@ def index_cost_per_doc(minhash: dict[str, Any], n_docs: int = 20_000) -> dict[st
 
     from datasketch import LeanMinHash, MinHashLSH
 
-    from lab.data.dedup import MinHasher, ShardArrays, deduplicate
 
     hasher = MinHasher(**minhash)
     rng = np.random.default_rng(0)

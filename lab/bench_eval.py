@@ -24,22 +24,23 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
 from lab import LabError, run_or_exit
-from lab.command_settings import EvaluateSettings, settings_for
-from lab.evaluation import Report, evaluate
-from lab.model_io import (default_output_dir, dtype_name, load_model, read_index, resolve_device, resolve_dtype,
-                          resolve_source, weight_bytes)
-from lab.quantization import VARIANTS, made_with, quantize, quantize_model
-
-if TYPE_CHECKING:
-    from lab.command_settings import Bench, QuantizeSettings
-from lab.tables import markdown_table
+from lab.config.compose import settings_for
+from lab.evaluation.settings import Bench, EvaluateSettings
+from lab.evaluation.suite import Report, evaluate
+from lab.models.loading import (default_output_dir, dtype_name, load_model, read_index, resolve_device,
+                                resolve_dtype, resolve_source, weight_bytes)
+from lab.models.quant_formats import VARIANTS
+from lab.quantization.quantizer import made_with, quantize, quantize_model
+from lab.quantization.settings import QuantizeSettings
+from lab.runs.tables import markdown_table
+from lab.runs.tracking import tracking_uri
 
 log = logging.getLogger("lab.bench_eval")
 
@@ -68,7 +69,7 @@ def quantize_settings(settings: "EvaluateSettings") -> "QuantizeSettings":
     """lab.quantize's settings (conf/quantize.yaml + bench.quantize overrides) for the benchmarked variant of this
     model, on this device and dtype, into quantized_dir (or lab.quantize's default folder)."""
     source = resolve_source(settings.model_path)
-    return settings_for("quantize", list(settings.bench.quantize), model_path=str(source.path),
+    return settings_for(QuantizeSettings, list(settings.bench.quantize), model_path=str(source.path),
                         variants=[settings.bench.variant], device=settings.device, dtype=settings.dtype,
                         tokenizer_path=settings.tokenizer_path,
                         output_dir=str(settings.quantized_dir or default_output_dir(source)))
@@ -152,7 +153,6 @@ def bench(settings: "EvaluateSettings") -> dict[str, Any]:
     if run_id:
         from mlflow.tracking import MlflowClient
 
-        from lab.tracking import tracking_uri
 
         client = MlflowClient(tracking_uri(settings.mlflow.tracking_uri))
         for c in results:

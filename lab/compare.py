@@ -10,7 +10,7 @@ joined to the training run they evaluate. Writes table.md / table.csv / table.ht
 experiments/<date>_<name>/ with a README recording the command, filters and run ids, and logs the
 same folder to a "compare" run in the experiment. A metric a run lacks is an empty cell.
 
-The command only: reading the runs is lab/run_records.py, the table lab/tables.py, the plots lab/plots.py.
+The command only: reading the runs is lab/runs/records.py, the table lab/runs/tables.py, the plots lab/runs/plots.py.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from typing import Iterable, Mapping, Sequence
 from mlflow.tracking import MlflowClient
 
 from lab import PROJECT_ROOT, LabError, report_error
-from lab.plots import lr_points_from_runs, lr_points_from_study, plot_lr, plot_throughput, plot_val_loss
-from lab.run_records import (EVAL_OF_TAG, KIND_TAG, Selection, collect, default_name, find_experiment, search_runs,
-                             select_runs)
-from lab.tables import (BY, PER_RUN_KEYS, Column, Row, build_rows, format_count, markdown_table, table_columns,
-                        to_csv, to_html, to_markdown)
-from lab.tracking import tracking_uri
+from lab.runs.plots import lr_points_from_runs, lr_points_from_study, plot_lr, plot_throughput, plot_val_loss
+from lab.runs.records import (EVAL_OF_TAG, KIND_TAG, Selection, collect, default_name, find_experiment, search_runs,
+                              select_runs)
+from lab.runs.tables import (BY, PER_RUN_KEYS, Column, Row, build_rows, format_count, markdown_table, table_columns,
+                             to_csv, to_html, to_markdown)
+from lab.runs.tracking import tracking_uri
 
 log = logging.getLogger("lab.compare")
 
@@ -70,7 +70,7 @@ def compare(experiment: str, tags: Mapping[str, str] | None = None, *, by: str =
     if by not in BY:
         raise LabError(f"--by {by!r}: expected one of {', '.join(BY)}")
     tags = dict(tags or {})
-    uri = tracking_uri(uri)  # one rule (lab/tracking.py): --tracking-uri, $MLFLOW_TRACKING_URI, project store
+    uri = tracking_uri(uri)  # one rule (lab/runs/tracking.py): --tracking-uri, $MLFLOW_TRACKING_URI, project store
     client = MlflowClient(uri)
     exp = find_experiment(client, experiment, uri)
     runs = search_runs(client, exp.experiment_id, tags)

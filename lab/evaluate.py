@@ -5,7 +5,7 @@
     python -m lab.evaluate runs=experiment:arch_bakeoff_tiny ["run_tags={bakeoff:tiny-v1}"] [run_latest=false]
 
 `runs=experiment:<name>` evaluates the HF export of every finished training run of that MLflow experiment
-(the newest per run name unless run_latest=false; `run_tags` narrows by tags; lab/run_selection.py) in turn,
+(the newest per run name unless run_latest=false; `run_tags` narrows by tags; lab/runs/selection.py) in turn,
 each into <output_dir>/<run name>/: a run that fails is reported and the others go on; the command then exits
 non-zero with one line naming the failed runs. Give one of model_path and runs, not both.
 
@@ -16,7 +16,7 @@ For the model (HF folder or lab.train checkpoint) and every variant lab.quantize
   (manifest.json + <source>/val.bin; `bpb = loss / ln 2 * tokens / text_bytes`, the trainer's formula,
   on the same evenly spaced blocks as the trainer's validation: `max_blocks=auto` takes the run's
   train.val_max_blocks), the same on any text file (strided sliding windows, HF's perplexity recipe),
-  and multiple-choice accuracy on JSONL tasks (lab/tasks.py);
+  and multiple-choice accuracy on JSONL tasks (lab/evaluation/tasks.py);
 - efficiency: parameters, bytes on disk, in-memory weight bytes, load time, peak memory while loading
   and generating (process RSS above the starting point on CPU, allocated memory on CUDA), time to
   first token per prompt length (capped to what the model's positions allow), decode tokens/s at
@@ -47,8 +47,8 @@ import hydra
 from omegaconf import DictConfig
 
 from lab import run_or_exit
-from lab.command_settings import EvaluateSettings
-from lab.evaluation import evaluate_command
+from lab.evaluation.settings import EvaluateSettings
+from lab.evaluation.suite import evaluate_command
 
 log = logging.getLogger("lab.evaluate")
 

@@ -20,8 +20,7 @@ import hydra
 from omegaconf import DictConfig
 
 from lab import run_or_exit
-from lab.command_settings import GenerateSettings
-from lab.sampling import run
+from lab.generation.sampling import GenerateSettings, run
 
 log = logging.getLogger("lab.generate")
 

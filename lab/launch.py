@@ -2,7 +2,7 @@
 
     python -m lab.launch init-storage postgresql+psycopg://user@host:5432/optuna
 
-The launchers themselves are Hydra's (conf/hydra/launcher/); what they need from the lab is lab/launchers.py.
+The launchers themselves are Hydra's (conf/hydra/launcher/); what they need from the lab is lab/cluster/launchers.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 from lab import LabError, report_error
-from lab.launchers import init_storage
+from lab.cluster.launchers import init_storage
 
 log = logging.getLogger(__name__)
 

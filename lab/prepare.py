@@ -11,8 +11,8 @@ import logging
 
 from omegaconf import DictConfig
 
-from lab import launchers as _launchers  # noqa: F401 - registers conf/hydra's resolvers (the run folder's time)
 from lab import run_or_exit
+from lab.config import resolvers as _resolvers  # noqa: F401 - registers conf/hydra's resolvers
 from lab.data.pipeline import prepare
 
 log = logging.getLogger("lab.prepare")

@@ -6,13 +6,13 @@
 
 `model_path` is an HF export (save_pretrained + tokenizer) or a lab.train Lightning checkpoint.
 `runs=experiment:<name>` instead quantizes the HF export of every finished training run of that MLflow
-experiment (the newest per run name unless run_latest=false; `run_tags` narrows by tags; lab/run_selection.py),
+experiment (the newest per run name unless run_latest=false; `run_tags` narrows by tags; lab/runs/selection.py),
 one after the other: a run that fails is reported and the others go on; the command then exits non-zero with
 one line naming the failed runs. Give one of model_path and runs, not both.
 
 Every variant is written as a self-contained HF folder (config.json with its `quantization_config`,
 safetensors holding torchao tensors, the tokenizer) that `AutoModelForCausalLM.from_pretrained`
-loads back; lab.model_io's `load_model` additionally handles checkpoints and the one fix-up quantized
+loads back; lab.models.loading's `load_model` additionally handles checkpoints and the one fix-up quantized
 models need (below). The float reference is written beside them, so every variant is measured the same way.
 
 Variants (torchao 0.18 `quantize_` configs, applied while transformers loads the float reference):
@@ -54,8 +54,8 @@ import hydra
 from omegaconf import DictConfig
 
 from lab import run_or_exit
-from lab.command_settings import QuantizeSettings
-from lab.quantization import quantize_command
+from lab.quantization.quantizer import quantize_command
+from lab.quantization.settings import QuantizeSettings
 
 log = logging.getLogger("lab.quantize")
 

@@ -1,4 +1,4 @@
-"""The depth/width overrides that match an arch to a parameter budget (the search: lab/size_matching.py).
+"""The depth/width overrides that match an arch to a parameter budget (the search: lab/models/sizes.py).
 
     python -m lab.sizing arch=<name> target=50e6 [basis=non_embedding] [vary=num_hidden_layers,hidden_size]
                         [tolerance=0.01] [any lab.train override, e.g. tokenizer=bpe2k]
@@ -14,9 +14,9 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
-from lab import LabError, report_error
-from lab.models import apply_size
-from lab.size_matching import match_size
+from lab import CONF_DIR, LabError, report_error
+from lab.models.arch import apply_size
+from lab.models.sizes import match_size
 
 _CLI_KEYS = {"target", "basis", "vary", "tolerance"}
 
@@ -24,7 +24,6 @@ _CLI_KEYS = {"target", "basis", "vary", "tolerance"}
 def _compose(overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any], str, str]:
     from hydra import compose, initialize_config_dir
 
-    from lab import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR)):
         try:

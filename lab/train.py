@@ -3,8 +3,8 @@
 <name> is any file of conf/arch; nothing here depends on which.
 
 Returns the configured objective (val/loss by default) so Hydra's Optuna sweeper can minimise it. The pieces:
-lab/settings.py (the checked config), lab/datamodule.py (data and curriculum), lab/resume.py (earlier runs),
-lab/mlflow_run.py (the MLflow run), lab/trainer.py (the Trainer and its step budget), lab/module.py (the model).
+lab/training/settings.py (the checked config), lab/data/datamodule.py (data and curriculum), lab/training/resume.py (earlier runs),
+lab/training/mlflow_run.py (the MLflow run), lab/training/trainer.py (the Trainer and its step budget), lab/training/module.py (the model).
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lab import LabError, exit_with, report_job_failure
-from lab.callbacks import export_from_trainer
-from lab.datamodule import CurriculumDataModule, check_prepared
-from lab.mlflow_run import end_run_after_failure, log_run_inputs, open_run, run_tags
-from lab.module import CausalLMModule
-from lab.resume import finished_twin, resolve_ckpt_path
-from lab.settings import TrainSettings
-from lab.tracking import tracking_uri
-from lab.trainer import (build_trainer, check_accelerator, fit_to_schedule, flops_and_peak, progress_callbacks,
-                         resolve_precision)
+from lab.training.callbacks import export_from_trainer
+from lab.data.datamodule import CurriculumDataModule, check_prepared
+from lab.training.mlflow_run import end_run_after_failure, log_run_inputs, open_run, run_tags
+from lab.training.module import CausalLMModule
+from lab.training.resume import finished_twin, resolve_ckpt_path
+from lab.training.settings import TrainSettings
+from lab.runs.tracking import tracking_uri
+from lab.training.trainer import (build_trainer, check_accelerator, fit_to_schedule, flops_and_peak,
+                                  progress_callbacks, resolve_precision)
 
 log = logging.getLogger("lab.train")
 

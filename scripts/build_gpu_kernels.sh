@@ -142,7 +142,7 @@ check() {
     PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - <<'EOF'
 import torch
 from transformers import AutoModelForCausalLM, Mamba2Config
-from lab.kernels import ssm_fast_path
+from lab.models.kernels import ssm_fast_path
 
 if not torch.cuda.is_available():
     raise SystemExit("check: this torch sees no CUDA device; the kernels run on CUDA only")

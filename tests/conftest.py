@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from lab import PROJECT_ROOT
-from lab.compose import compose_config  # the tests' way to compose conf/
+from lab.config.compose import compose_config  # the tests' way to compose conf/
 
 if TYPE_CHECKING:
     from lab.data.pipeline import Settings

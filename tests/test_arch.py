@@ -8,8 +8,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from lab import LabError
-from lab.models import (apply_size, build_config, build_model, check_arch_keys, config_fields, count_params,
-                        count_params_meta, kv_heads)
+from lab.models.arch import (apply_size, build_model, check_arch_keys, config_fields, count_params,
+                             count_params_meta, kv_heads)
+from lab.models.build import build_config
 from tests.conftest import ARCHS, compose_config
 
 # Full-size parameter counts at vocab 40k (tied embeddings), from the issue; tolerance ±1%.

@@ -23,8 +23,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from lab import CONF_DIR, PROJECT_ROOT, LabError
-from lab.launchers import job_gpu
-from lab.tracking import artifact_location, get_or_create_experiment, tracking_uri
+from lab.config.resolvers import job_gpu
+from lab.runs.tracking import artifact_location, get_or_create_experiment, tracking_uri
 from tests.conftest import ARCHS, tiny_train_overrides
 
 PY = sys.executable
@@ -59,7 +59,7 @@ def lab_train(args: list[str], env: dict[str, str], timeout: float = 300) -> sub
 # --- the tracking-URI rule and artifact locations -------------------------------------------------------------
 
 def test_tracking_uri_explicit_beats_env_beats_default(monkeypatch, tmp_path):
-    monkeypatch.setattr("lab.tracking.MLFLOW_DIR", tmp_path / "mlflow")  # the default store, but not the project's
+    monkeypatch.setattr("lab.runs.tracking.MLFLOW_DIR", tmp_path / "mlflow")  # the default store, but not the project's
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     assert tracking_uri("http://10.0.0.1:5000") == "http://10.0.0.1:5000"
     assert tracking_uri(None) == "http://127.0.0.1:9"
@@ -80,7 +80,7 @@ def test_sqlite_store_in_an_unwritable_place_is_one_clear_error(tmp_path):
 def test_concurrent_first_use_of_a_sqlite_store(tmp_path):
     """Three processes open one fresh store at once: each must find a ready schema (no migration race)."""
     uri = f"sqlite:///{tmp_path / 'fresh.db'}"
-    code = ("import sys; from lab.tracking import tracking_uri; from mlflow.tracking import MlflowClient; "
+    code = ("import sys; from lab.runs.tracking import tracking_uri; from mlflow.tracking import MlflowClient; "
             "MlflowClient(tracking_uri(sys.argv[1])).create_experiment(sys.argv[2])")
     procs = [subprocess.Popen([PY, "-c", code, uri, f"e{i}"], stderr=subprocess.PIPE, text=True) for i in range(3)]
     for proc in procs:
@@ -257,7 +257,7 @@ def postgres():
 
 SWEEP_WORKER = """
 import sys, optuna
-from lab.launchers import init_storage
+from lab.cluster.launchers import init_storage
 storage, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 init_storage(storage, "STORAGE")  # as every sweep=lr run does first: both workers meet an empty database at once
 study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True)
@@ -302,7 +302,7 @@ def test_lab_train_sweep_workers_on_postgres(postgres, prepared_sample, tmp_path
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
     assert len({t.params["optim.lr"] for t in trials}) == 4
-    assert all(t.user_attrs.get("mlflow_run_id") for t in trials)  # lab/pruning.py found its trial in postgres
+    assert all(t.user_attrs.get("mlflow_run_id") for t in trials)  # lab/cluster/pruning.py found its trial in postgres
     out = lab_train([*common, "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path / 'w2'}"], env, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(optuna.load_study(study_name="pg-lr", storage=postgres).trials) == 5

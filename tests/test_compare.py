@@ -207,7 +207,7 @@ def test_cli_prints_markdown(bakeoff, tmp_path, capsys):
 
 
 def test_quantized_columns_sort_numbers_as_numbers():
-    from lab.tables import natural_order
+    from lab.runs.tables import natural_order
 
     keys = ["quant/int8wo/ttft_ms_2048", "quant/int8wo/ttft_ms_128", "quant/int8wo/ttft_ms_63",
             "quant/int8wo/ttft_ms_512"]

@@ -19,8 +19,8 @@ from mlflow.tracking import MlflowClient
 from lab import CONF_DIR, PROJECT_ROOT, LabError
 from lab.compare import compare
 from lab.data.mixture import allocate, largest_remainder, source_shares
-from lab.datamodule import (CurriculumDataModule, CurriculumLoader, Stage, StageOrder, parse_curriculum,
-                            stage_budget)
+from lab.data.datamodule import (CurriculumDataModule, CurriculumLoader, Stage, StageOrder, parse_curriculum,
+                                 stage_budget)
 from tests.conftest import compose_config, tiny_train_overrides
 from tests.test_compare import make_run, store  # noqa: F401 - the MLflow store fixture
 from tests.test_train import read_steps, run_train
@@ -55,7 +55,7 @@ def test_default_curriculum_keeps_the_demo_block_order(prepared_sample):
 
 def test_every_curriculum_reads_the_same_prepared_folder(prepared_sample):
     """curriculum= changes how training walks the data, never what is prepared or where it lives."""
-    from lab.datamodule import prepare_command
+    from lab.data.datamodule import prepare_command
 
     configs, commands = {}, set()
     for name in CURRICULA:

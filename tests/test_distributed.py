@@ -16,9 +16,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from lab import CONF_DIR, PROJECT_ROOT
-from lab.model_io import load_model
+from lab.models.loading import load_model
 from lab.train import train
-from lab.trainer import instantiate_trainer
+from lab.training.trainer import instantiate_trainer
 from tests.conftest import compose_config, tiny_train_overrides
 
 TRAINERS = sorted(p.stem for p in (CONF_DIR / "trainer").glob("*.yaml"))

@@ -1,4 +1,4 @@
-"""lab.evaluate / lab.tasks / lab.bench_eval on tiny models: the numbers, the table, MLflow, the errors."""
+"""lab.evaluate / lab.evaluation.tasks / lab.bench_eval on tiny models: the numbers, the table, MLflow, the errors."""
 
 from __future__ import annotations
 
@@ -14,15 +14,17 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lab import PROJECT_ROOT, LabError
-from lab.evaluation import (PeakMemory, check_tokenizer, evaluate, format_table, heldout_perplexity,
-                          sliding_window_nll, variant_entries)
-from lab.model_io import load_model, load_tokenizer, resolve_source
-from lab.command_settings import settings_for
-from lab.quantization import quantize
-from lab.tasks import MCItem, load_task, score_task
-from lab.tracking import tracking_uri
+from lab.evaluation.suite import (PeakMemory, check_tokenizer, evaluate, format_table, heldout_perplexity,
+                                  sliding_window_nll, variant_entries)
+from lab.models.loading import load_model, load_tokenizer, resolve_source
+from lab.config.compose import settings_for
+from lab.quantization.quantizer import quantize
+from lab.evaluation.tasks import MCItem, load_task, score_task
+from lab.runs.tracking import tracking_uri
 from tests.conftest import ARCHS
 from tests.test_quantize import RO_TEXT, make_tokenizer, register_training_run, tiny_runs  # noqa: F401 (fixture)
+from lab.evaluation.settings import EvaluateSettings
+from lab.quantization.settings import QuantizeSettings
 
 TASK_FILE = PROJECT_ROOT / "data" / "sample" / "tasks" / "ro_mc_sample.jsonl"
 
@@ -49,17 +51,17 @@ def eval_config(model_path: Path, tmp_path: Path, **values):
              "text_max_length": 32, "stride": 16, "tasks": [str(task)], "output_dir": str(tmp_path / "out"),
              "efficiency": {"prompt_lengths": [8, 128], "decode_prompt_length": 8, "decode_tokens": 4,
                             "batch_sizes": [1, 2], "repeats": 1, "warmup": 0, "compile": False}}
-    return settings_for("evaluate", **OmegaConf.merge(small, values))
+    return settings_for(EvaluateSettings, **OmegaConf.merge(small, values))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_quantize_then_evaluate_every_arch(tiny_runs, arch, tmp_path, capsys, shared_mlflow):
-    from lab.run_records import EVAL_OF_TAG, collect, search_runs, select_runs
-    from lab.tables import table_columns
+    from lab.runs.records import EVAL_OF_TAG, collect, search_runs, select_runs
+    from lab.runs.tables import table_columns
 
     run_dir = tiny_runs[arch]
     train_id = register_training_run(run_dir, arch)
-    quantize(settings_for("quantize", model_path=str(run_dir / "hf"), variants=["int8wo"], device="cpu",
+    quantize(settings_for(QuantizeSettings, model_path=str(run_dir / "hf"), variants=["int8wo"], device="cpu",
                           output_dir=str(tmp_path / "q")))
     reports = evaluate(eval_config(run_dir / "hf", tmp_path, quantized_dir=str(tmp_path / "q")))
     assert [r.name for r in reports] == ["fp32", "int8wo"]
@@ -240,8 +242,8 @@ def test_evaluate_a_checkpoint_without_mlflow_or_data(tiny_runs, tmp_path):
 
 
 def test_max_blocks_auto_follows_the_training_runs_validation(tmp_path):
-    from lab.evaluation import DEFAULT_MAX_BLOCKS, resolve_max_blocks
-    from lab.model_io import ModelSource
+    from lab.evaluation.suite import DEFAULT_MAX_BLOCKS, resolve_max_blocks
+    from lab.models.loading import ModelSource
 
     source = ModelSource(tmp_path / "hf", "hf", run_dir=tmp_path)
     assert resolve_max_blocks("auto", source) == DEFAULT_MAX_BLOCKS    # no run config
@@ -255,7 +257,7 @@ def test_max_blocks_auto_follows_the_training_runs_validation(tmp_path):
 
 
 def test_bad_thread_counts_are_clear_errors():
-    from lab.evaluation import set_threads
+    from lab.evaluation.suite import set_threads
 
     assert set_threads(None) == torch.get_num_threads()   # null keeps torch's setting
     for bad in (0, -2, "many"):
@@ -272,7 +274,7 @@ def test_peak_memory_sees_an_allocation():
 
 
 def test_table_orders_columns_and_marks_chance():
-    from lab.evaluation import Report
+    from lab.evaluation.suite import Report
 
     report = Report("int8wo", Path("."), True, metrics={
         "decode_tok_s_bs8": 10.0, "decode_tok_s_bs1": 5.0, "ttft_ms_512": 2.0, "ttft_ms_128": 1.0,
@@ -304,7 +306,7 @@ def test_bench_eval_on_cpu_checks_perplexity_and_memory_and_defers_speed(tiny_ru
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_evaluate_on_cuda_with_compile(tiny_runs, tmp_path):
     run_dir = tiny_runs["llama_gqa"]
-    quantize(settings_for("quantize", model_path=str(run_dir / "hf"), variants=["int8wo"], device="cuda",
+    quantize(settings_for(QuantizeSettings, model_path=str(run_dir / "hf"), variants=["int8wo"], device="cuda",
                           output_dir=str(tmp_path / "q")))
     cfg = eval_config(run_dir / "hf", tmp_path, device="cuda", quantized_dir=str(tmp_path / "q"),
                       mlflow={"enabled": False}, efficiency={"compile": True, "warmup": 1, "repeats": 2})
@@ -316,7 +318,7 @@ def test_evaluate_on_cuda_with_compile(tiny_runs, tmp_path):
 
 
 def test_texts_with_the_same_stem_get_distinct_metric_names():
-    from lab.evaluation import metric_names
+    from lab.evaluation.suite import metric_names
 
     assert metric_names(["eval/flores.ron", "eval/flores.eng", "eval/xquad ro.txt"], "texts") == [
         "flores.ron", "flores.eng", "xquad_ro"]

@@ -13,9 +13,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from lab import LabError
-from lab.export import export_hf, register_export, registry_name, save_tokenizer
-from lab.generations import GenerationSpec
-from lab.model_card import read_card_metadata, write_model_card
+from lab.training.export import export_hf, register_export, registry_name, save_tokenizer
+from lab.generation.stage_samples import GenerationSpec
+from lab.training.model_card import read_card_metadata, write_model_card
 from lab.train import train
 from tests.conftest import compose_config, tiny_train_overrides
 
@@ -214,7 +214,7 @@ def test_generations_leave_the_training_losses_and_rng_untouched(prepared_sample
 def hf_model_and_tokenizer(folder: Path):
     from transformers import AutoModelForCausalLM
 
-    from lab.models import load_tokenizer_folder
+    from lab.models.build import load_tokenizer_folder
 
     return AutoModelForCausalLM.from_pretrained(folder), load_tokenizer_folder(folder)
 
@@ -352,7 +352,7 @@ def test_a_sharded_models_stand_in_computes_the_same(trained):
     """Under FSDP rank 0 generates with a copy built from the gathered weights: the same model."""
     from types import SimpleNamespace
 
-    from lab.export import model_from_weights
+    from lab.training.export import model_from_weights
 
     model, _ = hf_model_and_tokenizer(trained["hf"])
     stand_in = model_from_weights(SimpleNamespace(config=model.config, device=torch.device("cpu")),

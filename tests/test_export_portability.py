@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lab.export import export_hf, write_portable_config
-from lab.models import build_config, build_model
+from lab.training.export import export_hf, write_portable_config
+from lab.models.build import build_config
+from lab.models.arch import build_model
 from tests.conftest import compose_config
 
 ARCHS = ("llama_gqa", "mistral_swa", "falcon_mqa", "mamba2", "llama_mha")

@@ -1,4 +1,4 @@
-"""lab.flops against independent counts: torch's FlopCounterMode on the built models, the attention mask
+"""lab.models.flops against independent counts: torch's FlopCounterMode on the built models, the attention mask
 transformers really applies, and the Falcon KV heads as built."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import FalconConfig, LlamaConfig, PretrainedConfig
 
 from lab import CONF_DIR, LabError
-from lab.flops import (device_peaks, flop_breakdown, flops_per_token, kv_head_count, layer_kinds,
-                       mean_attended_keys, measured_matmul_flops, mfu, peak_flops)
-from lab.models import build_config, build_model, kv_heads
+from lab.models.flops import (device_peaks, flop_breakdown, flops_per_token, kv_head_count, layer_kinds,
+                              mean_attended_keys, measured_matmul_flops, mfu, peak_flops)
+from lab.models.build import build_config
+from lab.models.arch import build_model, kv_heads
 
 ARCHS = ["llama_gqa", "mistral_swa", "falcon_mqa", "mamba2", "llama_mha"]
 TINY_SEQ, TINY_VOCAB = 64, 256

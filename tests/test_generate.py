@@ -10,19 +10,20 @@ import pytest
 import torch
 
 from lab import PROJECT_ROOT, LabError
-from lab.sampling import Sampling, generate, generate_ids, read_prompts, run
-from lab.model_io import load_model, load_tokenizer
-from lab.command_settings import settings_for
-from lab.quantization import quantize
+from lab.generation.sampling import GenerateSettings, Sampling, generate, generate_ids, read_prompts, run
+from lab.models.loading import load_model, load_tokenizer
+from lab.config.compose import settings_for
+from lab.quantization.quantizer import quantize
 from tests.conftest import ARCHS
 from tests.test_quantize import tiny_runs  # noqa: F401 (fixture)
+from lab.quantization.settings import QuantizeSettings
 
 GREEDY = Sampling.greedy(6)
 
 
 def shipped(**changes) -> Sampling:
     """conf/generate.yaml's decoding settings with `changes` (checked again, as the dataclass is rebuilt)."""
-    return dataclasses.replace(settings_for("generate", model_path="unused").sampling, **changes)
+    return dataclasses.replace(settings_for(GenerateSettings, model_path="unused").sampling, **changes)
 
 
 def manual_greedy(model, ids: list[int], steps: int) -> list[int]:
@@ -82,13 +83,13 @@ def test_long_prompts_are_fitted_to_the_positions(tiny_runs):
 
 def test_quantized_variants_and_checkpoints_generate(tiny_runs, tmp_path):
     run_dir = tiny_runs["falcon_mqa"]
-    quantize(settings_for("quantize", model_path=str(run_dir / "hf"), variants=["int8wo"], device="cpu",
+    quantize(settings_for(QuantizeSettings, model_path=str(run_dir / "hf"), variants=["int8wo"], device="cpu",
                           output_dir=str(tmp_path / "q")))
     base = {"prompt": "Primăvara", "max_new_tokens": 5, "do_sample": False, "repetition_penalty": 1.0,
             "device": "cpu", "seed": 0}
-    from_variant = run(settings_for("generate", **base, model_path=str(tmp_path / "q" / "int8wo")))
-    from_ckpt = run(settings_for("generate", **base, model_path=str(run_dir / "checkpoints" / "last.ckpt")))
-    from_hf = run(settings_for("generate", **base, model_path=str(run_dir / "hf")))
+    from_variant = run(settings_for(GenerateSettings, **base, model_path=str(tmp_path / "q" / "int8wo")))
+    from_ckpt = run(settings_for(GenerateSettings, **base, model_path=str(run_dir / "checkpoints" / "last.ckpt")))
+    from_hf = run(settings_for(GenerateSettings, **base, model_path=str(run_dir / "hf")))
     assert from_ckpt == from_hf and len(from_variant) == 1 and len(from_variant[0]) == 1
 
 
@@ -103,7 +104,7 @@ def test_bad_settings_and_inputs_are_clear_errors(tmp_path):
         shipped(max_new_tokens=0)
     with pytest.raises(LabError, match="1 for greedy decoding"):
         shipped(do_sample=False, num_return_sequences=3)
-    assert settings_for("generate", model_path="x", top_k=40, temperature=0.7).sampling.top_k == 40
+    assert settings_for(GenerateSettings, model_path="x", top_k=40, temperature=0.7).sampling.top_k == 40
     with pytest.raises(LabError, match=r"top_k is missing from the config"):
         Sampling.from_config({"max_new_tokens": 4, "do_sample": True, "temperature": 0.7})
     with pytest.raises(LabError, match="give a prompt"):
@@ -116,7 +117,7 @@ def test_bad_settings_and_inputs_are_clear_errors(tmp_path):
     with pytest.raises(LabError, match="prompt_file not found"):
         read_prompts(None, str(tmp_path / "missing.txt"))
     with pytest.raises(LabError, match="does not exist"):
-        run(settings_for("generate", model_path=str(tmp_path / "missing"), prompt="x"))
+        run(settings_for(GenerateSettings, model_path=str(tmp_path / "missing"), prompt="x"))
 
 
 def test_cli(tiny_runs, tmp_path):

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from lab import kernels
-from lab.kernels import FLEX, SDPA, apply_fast_paths, causal_lm_loss, compile_model
-from lab.models import build_config, build_model
+from lab.models import kernels
+from lab.models.build import build_config
+from lab.models.arch import build_model
+from lab.models.kernels import FLEX, SDPA, apply_fast_paths, causal_lm_loss, compile_model
 from tests.conftest import ARCHS, compose_config, tiny_train_overrides
 from test_flops import TINY_SEQ, TINY_VOCAB, arch_config
 
@@ -269,11 +270,11 @@ def test_bf16_autocast_step_is_finite_and_close_to_fp32(arch):
 
 def test_trainer_precision_bf16_mixed_trains_under_autocast(prepared_sample, tmp_path, monkeypatch):
     """Through lab.train and Lightning's precision plugin (trainer.precision=bf16-mixed, accelerator cpu)."""
-    import lab.module
+    import lab.training.module
     from lab.train import train
 
     autocast_seen = []
-    real_loss = lab.module.causal_lm_loss
+    real_loss = lab.training.module.causal_lm_loss
 
     def loss_recording_autocast(model, input_ids, chunk_size=None):
         autocast_seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
@@ -286,7 +287,7 @@ def test_trainer_precision_bf16_mixed_trains_under_autocast(prepared_sample, tmp
         return train(cfg)["metrics"]
 
     fp32 = run("fp32", "32-true")
-    monkeypatch.setattr(lab.module, "causal_lm_loss", loss_recording_autocast)
+    monkeypatch.setattr(lab.training.module, "causal_lm_loss", loss_recording_autocast)
     mixed = run("bf16", "bf16-mixed")
     assert autocast_seen and all(seen == (True, torch.bfloat16) for seen in autocast_seen)
     for key in ("train/loss", "val/loss"):
@@ -318,7 +319,7 @@ def gloo_world_of_one():
 def lab_fsdp_wrap(cfg, model: nn.Module, device_id: torch.device | None):
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    from lab.trainer import fsdp_strategy
+    from lab.training.trainer import fsdp_strategy
 
     strategy = fsdp_strategy(cfg)  # what lab.train hands Lightning for trainer=fsdp
     return FullyShardedDataParallel(module=model, cpu_offload=strategy.cpu_offload, mixed_precision=None,
@@ -368,7 +369,7 @@ FULL_SHARD_STEP = '''
 import copy, sys
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
-from lab.models import build_config, build_model
+from lab.models.build import build_config, build_model
 from tests.conftest import compose_config
 from test_gpu_paths import lab_fsdp_wrap
 

@@ -1,4 +1,4 @@
-"""lab.kernels: which implementation each model gets on CPU and CUDA, that the window is really applied
+"""lab.models.kernels: which implementation each model gets on CPU and CUDA, that the window is really applied
 (and matches a naive reference), the SDPA fixes, the chunked loss against the plain one, SSM kernel
 detection. CUDA-only checks are marked `gpu`."""
 
@@ -19,10 +19,10 @@ from transformers import AttentionInterface, MistralForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from lab import LabError
-from lab import kernels
-from lab.kernels import (FLEX, SDPA, apply_fast_paths, attention_choice, causal_lm_loss, chunked_linear_cross_entropy,
-                         kernel_bindings, ssm_fast_path)
-from lab.models import build_model
+from lab.models.arch import build_model
+from lab.models import kernels
+from lab.models.kernels import (FLEX, SDPA, apply_fast_paths, attention_choice, causal_lm_loss,
+                                chunked_linear_cross_entropy, kernel_bindings, ssm_fast_path)
 from test_flops import ARCHS, TINY_SEQ, TINY_VOCAB, arch_config
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -377,7 +377,7 @@ def test_kernel_binding_detection_with_a_fake_kernel_package(monkeypatch):
 @cuda
 def test_ssm_kernels_on_cuda_match_the_pytorch_reference(monkeypatch):
     """Loss and gradients through the fused kernels against transformers' own PyTorch reference path."""
-    from lab.kernels import _fallback_closure
+    from lab.models.kernels import _fallback_closure
 
     model = tiny_model("mamba2").cuda().train()
     report = ssm_fast_path(model)

@@ -15,12 +15,14 @@ import torch
 from torch import nn
 
 from lab import PROJECT_ROOT, LabError
-from lab.command_settings import settings_for
-from lab.lm_eval_tasks import (check_lm_eval_tasks, flat_metrics, import_lm_eval, lm_eval_metrics, read_task_dirs,
-                               run_lm_eval, task_names)
-from lab.models import build_config, build_model
-from lab.tasks import MCItem, choice_logprobs, continuation_ids, item_logprobs, load_task, score_task
+from lab.config.compose import settings_for
+from lab.evaluation.lm_eval_tasks import (check_lm_eval_tasks, flat_metrics, import_lm_eval, lm_eval_metrics,
+                                          read_task_dirs, run_lm_eval, task_names)
+from lab.models.build import build_config
+from lab.models.arch import build_model
+from lab.evaluation.tasks import MCItem, choice_logprobs, continuation_ids, item_logprobs, load_task, score_task
 from tests.test_quantize import make_tokenizer, tiny_config
+from lab.evaluation.settings import EvaluateSettings
 
 TASK_DIR = PROJECT_ROOT / "data" / "sample" / "tasks" / "lm_eval"
 EDGES = TASK_DIR / "ro_mc_edges.jsonl"
@@ -36,7 +38,7 @@ def tokenizer(tmp_path_factory):
 
 def lm_eval_options(**values):
     """conf/evaluate.yaml's `lm_eval` node with `values` set, checked."""
-    return settings_for("evaluate", model_path="unused", lm_eval=values).lm_eval
+    return settings_for(EvaluateSettings, model_path="unused", lm_eval=values).lm_eval
 
 
 def random_model(arch: str, tokenizer) -> nn.Module:
@@ -139,12 +141,12 @@ def test_blank_contexts_are_refused(tmp_path):
 
 @needs_lm_eval
 def test_evaluate_logs_lm_eval_metrics_beside_its_own(tokenizer, tmp_path):
-    from lab.evaluation import evaluate
+    from lab.evaluation.suite import evaluate
 
     model = random_model("llama_gqa", tokenizer)
     model.save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
-    settings = settings_for("evaluate", model_path=str(tmp_path / "hf"), device="cpu",
+    settings = settings_for(EvaluateSettings, model_path=str(tmp_path / "hf"), device="cpu",
                             quantized_dir=str(tmp_path / "none"), prepared_dir=None, texts=[], tasks=[str(EDGES)],
                             lm_eval_tasks=["ro_mc_edges"], lm_eval={"task_dirs": [str(TASK_DIR)]},
                             output_dir=str(tmp_path / "out"), efficiency={"enabled": False}, mlflow={"enabled": False})

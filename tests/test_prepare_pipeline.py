@@ -18,7 +18,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from lab import PROJECT_ROOT, LabError
-from lab.units import GiB, MiB
+from lab.config.units import GiB, MiB
 from lab.data.filters import WORD
 from lab.data.split import assign_split
 from lab.data.pipeline import Settings, prepare

@@ -21,11 +21,15 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lab import CONF_DIR, PROJECT_ROOT, LabError
-from lab.models import build_config, build_model
-from lab.model_io import _computes_linear, load_model, load_tokenizer, resolve_source, tensor_bytes, use_linear_forward
-from lab.command_settings import settings_for
-from lab.quantization import VARIANTS, embedding_state, layers_to_keep_float, quantize, quantized_layers, resolve_variants
+from lab.models.build import build_config
+from lab.models.arch import build_model
+from lab.models.loading import (_computes_linear, load_model, load_tokenizer, resolve_source, tensor_bytes,
+                                use_linear_forward)
+from lab.config.compose import settings_for
+from lab.models.quant_formats import VARIANTS, resolve_variants
+from lab.quantization.quantizer import embedding_state, layers_to_keep_float, quantize, quantized_layers
 from tests.conftest import ARCHS
+from lab.quantization.settings import QuantizeSettings
 
 SEQ_LEN = 32          # prepared blocks in the fixture
 MAX_POSITIONS = 64    # the tiny models' context
@@ -110,7 +114,7 @@ def make_run(root: Path, arch: str, tokenizer, prepared: Path, seed: int = 0) ->
     model.save_pretrained(run_dir / "hf")
     tokenizer.save_pretrained(run_dir / "hf")
     (run_dir / "checkpoints").mkdir(parents=True)
-    # the parts of a Lightning checkpoint of lab.module.CausalLMModule that lab.quantize reads
+    # the parts of a Lightning checkpoint of lab.training.module.CausalLMModule that lab.quantize reads
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
                 "hyper_parameters": {"arch": node, "size": size, "config_overrides": overrides},
                 "pytorch-lightning_version": "2.6.6", "global_step": 0}, run_dir / "checkpoints" / "last.ckpt")
@@ -124,7 +128,7 @@ def register_training_run(run_dir: Path, arch: str, experiment: str = "test") ->
     """A finished MLflow training run (in the test's store) for run_dir, as lab.train would leave it."""
     from mlflow.tracking import MlflowClient
 
-    from lab.tracking import get_or_create_experiment, tracking_uri
+    from lab.runs.tracking import get_or_create_experiment, tracking_uri
 
     client = MlflowClient(tracking_uri())
     run = client.create_run(get_or_create_experiment(experiment), run_name=f"{arch}-tiny",
@@ -167,12 +171,12 @@ def test_quantize_every_arch_saves_variants_that_load_back(tiny_runs, arch, tmp_
     from transformers import AutoModelForCausalLM
 
     run_dir = tiny_runs[arch]
-    index = quantize(settings_for("quantize", model_path=str(run_dir / "hf"), variants="auto", device="cpu",
+    index = quantize(settings_for(QuantizeSettings, model_path=str(run_dir / "hf"), variants="auto", device="cpu",
                                   output_dir=str(tmp_path / "q"), variant_options={"intx4wo": {"group_size": 16}}))
     assert index["reference"] == "fp32" and index["train_run_id"] is None  # empty mlflow_run_id: no link
     assert list(index["variants"]) == ["fp32", "int8wo", "int8dq", "intx4wo"]   # auto on CPU
     # each variant records its options: one asked for with others is made again (lab.study, lab.bench_eval)
-    from lab.quantization import made_with
+    from lab.quantization.quantizer import made_with
 
     source = resolve_source(run_dir / "hf")
     assert index["variants"]["intx4wo"]["options"] == {"group_size": 16}
@@ -229,9 +233,9 @@ def test_shared_int8_embedding_is_stored_once_and_can_be_turned_off(tiny_runs, t
     from safetensors import safe_open
 
     hf = tiny_runs["falcon_mqa"] / "hf"
-    shared = quantize(settings_for("quantize", model_path=str(hf), variants=["int8wo"], device="cpu",
+    shared = quantize(settings_for(QuantizeSettings, model_path=str(hf), variants=["int8wo"], device="cpu",
                                    output_dir=str(tmp_path / "on")))["variants"]
-    apart = quantize(settings_for("quantize", model_path=str(hf), variants=["int8wo"], device="cpu",
+    apart = quantize(settings_for(QuantizeSettings, model_path=str(hf), variants=["int8wo"], device="cpu",
                                   output_dir=str(tmp_path / "off"),
                                   variant_options={"int8wo": {"quantize_embedding": False}}))["variants"]
     assert shared["int8wo"]["embedding_quantized"] and not apart["int8wo"]["embedding_quantized"]
@@ -256,17 +260,17 @@ def test_shared_int8_embedding_is_stored_once_and_can_be_turned_off(tiny_runs, t
 
 def test_embedding_quantization_only_for_int8_variants(tiny_runs):
     model, _ = load_model(tiny_runs["llama_gqa"] / "hf")
-    from lab.quantization import quantize_model
+    from lab.quantization.quantizer import quantize_model
 
     with pytest.raises(LabError, match=r"intx4wo: quantize_embedding=true is supported for int8wo, int8dq only"):
         quantize_model(model, VARIANTS["intx4wo"], {"group_size": 32, "quantize_embedding": True}, torch.device("cpu"))
     with pytest.raises(LabError, match=r"intx4wo: quantize_embedding=true is supported for int8wo, int8dq only"):
-        settings_for("quantize", ["+variant_options.intx4wo.quantize_embedding=true"], model_path="x")
+        settings_for(QuantizeSettings, ["+variant_options.intx4wo.quantize_embedding=true"], model_path="x")
     assert layers_to_keep_float(model, None, quantize_embedding=True) == {}
 
 
 def test_which_layers_are_quantized(tiny_runs, tmp_path):
-    index = quantize(settings_for("quantize", model_path=str(tiny_runs["mamba2"] / "hf"),
+    index = quantize(settings_for(QuantizeSettings, model_path=str(tiny_runs["mamba2"] / "hf"),
                                   variants=["int8wo", "intx4wo"], device="cpu", output_dir=str(tmp_path / "m")))
     model, _ = load_model(index["variants"]["int8wo"]["path"])
     layers = quantized_layers(model)
@@ -292,20 +296,20 @@ def test_checkpoint_and_export_give_the_same_model(tiny_runs, tmp_path):
     from_hf, _ = load_model(run_dir / "hf")
     assert source.kind == "ckpt" and source.run_dir == run_dir
     torch.testing.assert_close(logits_of(from_ckpt, PROBE), logits_of(from_hf, PROBE))
-    index = quantize(settings_for("quantize", model_path=str(run_dir / "checkpoints" / "last.ckpt"),
+    index = quantize(settings_for(QuantizeSettings, model_path=str(run_dir / "checkpoints" / "last.ckpt"),
                                   variants=["int8wo"], device="cpu", output_dir=str(tmp_path / "c")))
     assert index["source_kind"] == "ckpt" and set(index["variants"]) == {"fp32", "int8wo"}
     # the tokenizer came from the run (hf/ beside the checkpoint)
     assert (tmp_path / "c" / "int8wo" / "tokenizer.json").is_file()
     # a second call adds to the index instead of replacing it
-    quantize(settings_for("quantize", model_path=str(run_dir / "checkpoints" / "last.ckpt"), variants=["int8dq"],
+    quantize(settings_for(QuantizeSettings, model_path=str(run_dir / "checkpoints" / "last.ckpt"), variants=["int8dq"],
                           device="cpu", output_dir=str(tmp_path / "c")))
     assert set(json.loads((tmp_path / "c" / "quantize.json").read_text())["variants"]) == {"fp32", "int8wo", "int8dq"}
 
 
 def test_default_output_is_inside_the_run_and_variant_folders_know_their_run(tiny_runs):
     run_dir = tiny_runs["falcon_mqa"]
-    index = quantize(settings_for("quantize", model_path=str(run_dir / "hf"), variants=["int8wo"], device="cpu"))
+    index = quantize(settings_for(QuantizeSettings, model_path=str(run_dir / "hf"), variants=["int8wo"], device="cpu"))
     assert Path(index["variants"]["int8wo"]["path"]) == run_dir / "quantized" / "hf" / "int8wo"
     source = resolve_source(run_dir / "quantized" / "hf" / "int8wo")
     assert source.variant == "int8wo" and source.run_dir == run_dir
@@ -386,12 +390,12 @@ def test_tensor_bytes_counts_quantized_storage():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_variants_quantize_and_load_back(tiny_runs, tmp_path):
-    from lab.quantization import supported_variants
+    from lab.models.quant_formats import supported_variants
 
     device = torch.device("cuda")
     wanted = [v for v in ("int8wo", "int8dq", "int4wo", "float8dq") if v in supported_variants(device)]
     assert "int4wo" in wanted
-    index = quantize(settings_for("quantize", model_path=str(tiny_runs["llama_gqa"] / "hf"), variants=wanted,
+    index = quantize(settings_for(QuantizeSettings, model_path=str(tiny_runs["llama_gqa"] / "hf"), variants=wanted,
                                   device="cuda", output_dir=str(tmp_path / "g"),
                                   variant_options={"int4wo": {"group_size": 32}}))
     assert index["reference"] == "bf16"

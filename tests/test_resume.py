@@ -1,4 +1,4 @@
-"""ckpt_path=auto and reuse_finished=true (lab/resume.py): what lab.study relies on to redo no finished work."""
+"""ckpt_path=auto and reuse_finished=true (lab/training/resume.py): what lab.study relies on to redo no finished work."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lab.resume import finished_twin, resolve_ckpt_path
+from lab.training.resume import finished_twin, resolve_ckpt_path
 from lab.train import train
 from tests.conftest import compose_config, tiny_train_overrides
 
@@ -91,7 +91,7 @@ def test_auto_skips_unfinished_runs_with_other_settings_and_unreadable_checkpoin
     resolved["optim"]["lr"] = cfg.optim.lr
     for path in (root / "outputs").rglob("*.ckpt"):
         path.write_bytes(b"PK\x03\x04broken")
-    with caplog.at_level("WARNING", logger="lab.resume"):
+    with caplog.at_level("WARNING", logger="lab.training.resume"):
         assert resolve_ckpt_path(cfg, uri, resolved) is None
     assert "cannot be resumed from" in caplog.text
     (root / "outputs" / RUN / "t0" / "mlflow_run_id").write_text("no-such-run")

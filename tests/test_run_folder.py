@@ -1,4 +1,4 @@
-"""${lab.run_stamp:} (lab/launchers.py), the time in the run folder's name: Hydra's ${now:} for one process, one
+"""${lab.run_stamp:} (lab/config/resolvers.py), the time in the run folder's name: Hydra's ${now:} for one process, one
 value for every rank of a torchrun job (rank 0's, through the agent's store) or of an srun step (its ids). The
 launches themselves are in tests/test_distributed.py; here the environments are faked and the store is a real
 TCPStore on 127.0.0.1."""
@@ -13,8 +13,9 @@ from datetime import datetime, timedelta
 import pytest
 from torch.distributed import TCPStore
 
-from lab import LabError, launchers
-from lab.launchers import run_stamp
+from lab import LabError
+from lab.config import resolvers as launchers
+from lab.config.resolvers import run_stamp
 from tests.conftest import compose_config
 
 SECONDS = "%Y-%m-%d_%H-%M-%S"

@@ -1,4 +1,4 @@
-"""lab.run_selection: runs chosen by MLflow experiment and tags, and lab.quantize / lab.evaluate over them.
+"""lab.runs.selection: runs chosen by MLflow experiment and tags, and lab.quantize / lab.evaluate over them.
 
 Most tests register lab.train-like runs (the tags lab.train writes, run folders from tests/test_quantize.py)
 in the test's own MLflow store; the last one (slow) trains two real tiny runs and goes through both commands.
@@ -19,13 +19,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lab import PROJECT_ROOT, LabError
-from lab.command_settings import settings_for
-from lab.evaluation import evaluate_command
-from lab.quantization import quantize_command
-from lab.run_selection import RunQuery, model_config, parse_runs, select_runs, selection_from_config
-from lab.tracking import get_or_create_experiment, tracking_uri
+from lab.config.compose import settings_for
+from lab.evaluation.suite import evaluate_command
+from lab.quantization.quantizer import quantize_command
+from lab.runs.selection import RunQuery, model_config, parse_runs, select_runs, selection_from_config
+from lab.runs.tracking import get_or_create_experiment, tracking_uri
 from tests.conftest import compose_config, tiny_train_overrides
 from tests.test_quantize import make_runs
+from lab.evaluation.settings import EvaluateSettings
+from lab.quantization.settings import QuantizeSettings
 
 EXPERIMENT = "bakeoff_sel"
 ARCHS = ("llama_gqa", "falcon_mqa")   # the two quickest to quantize and evaluate
@@ -64,13 +66,13 @@ def two_runs(run_folders, tmp_path) -> dict[str, Path]:
 
 
 def quantize_cfg(tmp_path: Path, **values):
-    return settings_for("quantize", **{"runs": f"experiment:{EXPERIMENT}", "variants": ["int8wo"], "device": "cpu",
+    return settings_for(QuantizeSettings, **{"runs": f"experiment:{EXPERIMENT}", "variants": ["int8wo"], "device": "cpu",
                                        **values})
 
 
 def evaluate_cfg(tmp_path: Path, **values):
     """Quality only (the held-out blocks of the run's data), no timings: the selection is what is tested."""
-    return settings_for("evaluate", **{"runs": f"experiment:{EXPERIMENT}", "device": "cpu", "max_blocks": 2,
+    return settings_for(EvaluateSettings, **{"runs": f"experiment:{EXPERIMENT}", "device": "cpu", "max_blocks": 2,
                                        "batch_size": 4, "texts": [], "tasks": [], "output_dir": str(tmp_path / "eval"),
                                        "efficiency": {"enabled": False}, **values})
 
@@ -110,10 +112,10 @@ def test_malformed_run_settings_are_one_clear_line(runs, tags, latest, message):
 
 def test_model_path_and_runs_exclude_each_other(tmp_path):
     with pytest.raises(LabError, match=r"give model_path= or runs=, not both"):
-        selection_from_config(settings_for("quantize", model_path=str(tmp_path), runs="experiment:x"))
+        selection_from_config(settings_for(QuantizeSettings, model_path=str(tmp_path), runs="experiment:x"))
     with pytest.raises(LabError, match=r"model_path is required.*or select trained runs with runs=experiment:<name>"):
-        selection_from_config(settings_for("evaluate"))  # model_path: ??? in the YAML, and no runs
-    assert selection_from_config(settings_for("quantize", model_path=str(tmp_path))) is None
+        selection_from_config(settings_for(EvaluateSettings))  # model_path: ??? in the YAML, and no runs
+    assert selection_from_config(settings_for(QuantizeSettings, model_path=str(tmp_path))) is None
 
 
 def test_hydra_overrides_compose_into_the_selection():
@@ -175,7 +177,7 @@ def test_unknown_or_empty_experiment_names_the_training_command():
 ])
 def test_a_damaged_export_is_skipped_with_one_warning_and_listed(two_runs, damage, problem, caplog):
     damage(two_runs["falcon_mqa-tiny-s1"])
-    with caplog.at_level(logging.WARNING, logger="lab.run_selection"):
+    with caplog.at_level(logging.WARNING, logger="lab.runs.selection"):
         selection = select_runs(RunQuery(EXPERIMENT, {}, True))
     assert [r.label for r in selection.models] == ["llama_gqa-tiny-s1"]
     assert [r.label for r in selection.failed] == ["falcon_mqa-tiny-s1"]
@@ -193,7 +195,7 @@ def test_a_run_without_run_dir_tag_is_listed_as_failed():
 
 def test_model_config_gives_each_run_its_own_output_folders(two_runs, tmp_path):
     run = select_runs(RunQuery(EXPERIMENT, {}, True)).models[0]
-    settings = settings_for("evaluate", runs="experiment:x", run_tags={"a": "b"}, output_dir=str(tmp_path / "o"))
+    settings = settings_for(EvaluateSettings, runs="experiment:x", run_tags={"a": "b"}, output_dir=str(tmp_path / "o"))
     own = model_config(settings, run, ("output_dir", "quantized_dir"))
     assert own.model_path == str(run.model_path) and own.runs is None and own.run_tags is None
     assert own.output_dir == str(tmp_path / "o" / run.label) and own.quantized_dir is None

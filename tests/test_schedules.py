@@ -5,9 +5,10 @@ import dataclasses
 import pytest
 
 from lab import LabError
-from lab.compose import compose_config
-from lab.schedules import StepSchedule, lr_multiplier
-from lab.settings import Scheduler, WsdScheduler
+from lab.config.compose import compose_config
+from lab.data.step_budget import StepSchedule
+from lab.training.schedules import lr_multiplier
+from lab.training.settings import Scheduler, WsdScheduler
 
 
 def cosine(**fields) -> Scheduler:
@@ -57,7 +58,7 @@ def test_wsd_by_fraction_and_unknown_names():
 
 
 def test_the_config_picks_the_schedule_class_and_refuses_bad_values():
-    from lab.settings import TrainSettings
+    from lab.training.settings import TrainSettings
 
     assert type(TrainSettings.from_config(compose_config("train", ["scheduler=wsd"])).scheduler) is WsdScheduler
     assert type(TrainSettings.from_config(compose_config("train", [])).scheduler) is Scheduler

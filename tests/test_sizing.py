@@ -8,8 +8,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from lab import LabError
-from lab.models import apply_size, build_config, build_model, count_params, count_params_meta
-from lab.size_matching import match_size
+from lab.models.arch import apply_size, build_model, count_params, count_params_meta
+from lab.models.build import build_config
+from lab.models.sizes import match_size
 from lab.sizing import main as sizing_main
 from tests.conftest import ARCHS, compose_config
 

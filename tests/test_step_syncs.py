@@ -16,7 +16,7 @@ from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from mlflow.tracking import MlflowClient
 
 from lab import PROJECT_ROOT, LabError
-from lab.callbacks import StepLog, Throughput
+from lab.training.callbacks import StepLog, Throughput
 from lab.train import train
 from tests.conftest import compose_config, tiny_train_overrides
 
@@ -65,7 +65,7 @@ class StepReads:
         reads = self
 
         def counted(tensor, *args, **kwargs):
-            # a read inside a read is the same one, dispatched again (e.g. by lab.kernels' TorchFunctionMode)
+            # a read inside a read is the same one, dispatched again (e.g. by lab.models.kernels' TorchFunctionMode)
             if reads._current is not None and not reads._inside:
                 caller = sys._getframe(1)
                 kind = caller_kind(caller)
@@ -222,7 +222,7 @@ def test_lightnings_clipping_and_ours_give_the_same_gradients():
     """configure_gradient_clipping's clip and Lightning's Precision.clip_grad_by_norm: bit for bit."""
     from lightning.pytorch.plugins.precision import Precision
 
-    from lab.module import CausalLMModule
+    from lab.training.module import CausalLMModule
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 3))

@@ -15,8 +15,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lab import PROJECT_ROOT, LabError
-from lab.study_plan import make_plan, sweep_overrides
-from lab.study_steps import lock_report_dir
+from lab.study.plan import make_plan, sweep_overrides
+from lab.study.steps import lock_report_dir
 from tests.conftest import ARCHS
 
 PY = sys.executable

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from optuna.distributions import FloatDistribution
 
 from lab import CONF_DIR, PROJECT_ROOT, TRUSTED_TARGETS, LabError
-from lab.pruning import OptunaPruning, find_trial
+from lab.cluster.pruning import OptunaPruning, find_trial
 from tests.conftest import ARCHS, compose_config
 
 LR = FloatDistribution(1e-4, 1e-2, log=True)

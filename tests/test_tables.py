@@ -1,4 +1,4 @@
-"""lab.tables (the one markdown writer, the comparison's columns and rows), lab.run_records' run rule, lab.units."""
+"""lab.runs.tables (the one markdown writer, the comparison's columns and rows), lab.runs.records' run rule, lab.config.units."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from lab import PROJECT_ROOT, units
-from lab.run_records import RunData, as_number, read_run, select_runs
-from lab.tables import Column, build_rows, cell, markdown_table, table_columns, to_markdown
+from lab import PROJECT_ROOT
+from lab.config import units
+from lab.runs.records import RunData, as_number, read_run, select_runs
+from lab.runs.tables import Column, build_rows, cell, markdown_table, table_columns, to_markdown
 
 
 def cells_of(line: str) -> list[str]:
@@ -59,7 +60,7 @@ def test_a_table_without_columns_is_refused():
 def test_every_writer_goes_through_markdown_table():
     from lab.bench import COLUMNS, Row as BenchRow, results_table
     from lab.bench_eval import Criterion, format_criteria
-    from lab.evaluation import Report, format_table
+    from lab.evaluation.suite import Report, format_table
 
     evaluated = format_table([Report("fp|32", Path("."), False, {"size_mb": 1.5, "val/web/ppl": 12.0}),
                               Report("int8wo", Path("."), True, {"val/web/ppl": 12.5})])
@@ -74,10 +75,10 @@ def test_every_writer_goes_through_markdown_table():
 def test_no_module_writes_markdown_tables_by_hand():
     for path in sorted((PROJECT_ROOT / "lab").rglob("*.py")):
         name = path.relative_to(PROJECT_ROOT).as_posix()
-        if name == "lab/tables.py":
+        if name == "lab/runs/tables.py":
             continue
         rule = re.search(r"""["']\|-{3}|-{3}\|["']|["']-{3}["']""", path.read_text())  # "|---", "---|", "---"
-        assert rule is None, f"{name} writes a markdown table rule itself: use lab.tables.markdown_table"
+        assert rule is None, f"{name} writes a markdown table rule itself: use lab.runs.tables.markdown_table"
 
 
 # -- units ----------------------------------------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def test_byte_units_have_one_meaning():
 def test_no_module_defines_its_own_byte_unit():
     for path in sorted((PROJECT_ROOT / "lab").rglob("*.py")):
         name = path.relative_to(PROJECT_ROOT).as_posix()
-        if name == "lab/units.py":
+        if name == "lab/config/units.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Assign):
@@ -103,7 +104,7 @@ def test_no_module_defines_its_own_byte_unit():
 
 def fake_run(run_id: str, tags: dict, status: str = "FINISHED", metrics: dict | None = None,
              params: dict | None = None):
-    """The parts of an mlflow Run that lab.run_records reads."""
+    """The parts of an mlflow Run that lab.runs.records reads."""
     return SimpleNamespace(info=SimpleNamespace(run_id=run_id, run_name=run_id, status=status, start_time=0,
                                                 end_time=60_000),
                            data=SimpleNamespace(tags=tags, metrics=metrics or {}, params=params or {}))

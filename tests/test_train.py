@@ -15,8 +15,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from lab import PROJECT_ROOT, LabError
-from lab.datamodule import CurriculumDataModule, RankSampler
-from lab.module import param_groups
+from lab.data.datamodule import CurriculumDataModule, RankSampler
+from lab.training.module import param_groups
 from lab.train import train
 from tests.conftest import ARCHS, compose_config, tiny_train_overrides
 
@@ -53,7 +53,8 @@ def test_labels_are_shifted_exactly_once(prepared_sample, tmp_path):
 
 
 def test_weight_decay_spares_norms_biases_and_embeddings():
-    from lab.models import build_config, build_model
+    from lab.models.build import build_config
+    from lab.models.arch import build_model
 
     cfg = compose_config("train", ["arch=falcon_mqa", "experiment=tiny_sample"])
     model = build_model(build_config(cfg.arch, cfg.size))
@@ -397,12 +398,12 @@ def test_no_validation_blocks_is_a_clear_error(prepared_sample, tmp_path):
 def test_a_run_resumed_from_its_last_step_still_writes_its_end_records(tmp_path):
     """Killed after its final checkpoint, a resumed run has nothing to train: Lightning skips the loop and its
     on_train_epoch_end / on_train_end hooks, so the end-of-training records (tokens per source, the final clock,
-    the last stage's end) come from on_fit_end instead (lab.callbacks.EndOfTraining), once."""
+    the last stage's end) come from on_fit_end instead (lab.training.callbacks.EndOfTraining), once."""
     import lightning as L
     from lightning.pytorch.demos.boring_classes import BoringModel
     from lightning.pytorch.loggers import Logger
 
-    from lab.callbacks import SourceTokens, TrainClock
+    from lab.training.callbacks import SourceTokens, TrainClock
 
     class Recorder(Logger):
         name, version = "recorder", 0

@@ -14,10 +14,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lab import PROJECT_ROOT, LabError
-from lab.resume import resolve_ckpt_path
-from lab.settings import TrainSettings
+from lab.training.resume import resolve_ckpt_path
+from lab.training.settings import TrainSettings
 from lab.train import train
 from tests.conftest import compose_config, tiny_train_overrides
+from lab.quantization.settings import QuantizeSettings
+from lab.evaluation.settings import EvaluateSettings
+from lab.generation.sampling import GenerateSettings
+from lab.data.pipeline import Settings as PrepareSettings
 
 
 @pytest.mark.parametrize("override, message", [
@@ -104,11 +108,10 @@ def test_bad_values_name_the_key_and_what_is_allowed(override, message):
     ("prepare", "prepare.batch_mb=-4", "prepare.batch_mb=-4"),
 ])
 def test_the_other_commands_check_their_settings(command, override, message):
-    from lab.command_settings import parse_settings
-    from lab.data.pipeline import Settings as PrepareSettings
+    kinds = {"generate": GenerateSettings, "quantize": QuantizeSettings, "evaluate": EvaluateSettings}
 
     def parse(cfg):
-        return PrepareSettings.from_cfg(cfg) if command == "prepare" else parse_settings(command, cfg)
+        return PrepareSettings.from_cfg(cfg) if command == "prepare" else kinds[command].from_config(cfg)
 
     extra = [] if command == "prepare" else ["model_path=/nowhere"]
     parse(compose_config(command, extra))  # the shipped values pass
@@ -118,13 +121,13 @@ def test_the_other_commands_check_their_settings(command, override, message):
 
 
 def test_settings_for_overrides_and_harmless_knobs():
-    from lab.command_settings import settings_for
+    from lab.config.compose import settings_for
 
     with pytest.raises(LabError, match=r"cannot compose conf/quantize.yaml with \['variant_options'\]") as caught:
-        settings_for("quantize", ["variant_options"], model_path="x")  # an override without =, as a typo in a list
+        settings_for(QuantizeSettings, ["variant_options"], model_path="x")  # an override without =, as a typo in a list
     assert "\n" not in str(caught.value)
     # quantize_embedding=false on a variant that never quantizes it: what it does anyway, accepted
-    settings = settings_for("quantize", ["+variant_options.int4wo.quantize_embedding=false"], model_path="x")
+    settings = settings_for(QuantizeSettings, ["+variant_options.int4wo.quantize_embedding=false"], model_path="x")
     assert settings.variant_options["int4wo"] == {"group_size": 128}
 
 
@@ -231,7 +234,7 @@ def test_last_skips_unreadable_checkpoints_for_the_newest_intact_one(finished_ru
     data = last.read_bytes()
     last.write_bytes({"truncate": data[: len(data) // 3], "empty": b"", "noise": os.urandom(4096)}[damage])
     age_in_order([last, *older])
-    with caplog.at_level("WARNING", logger="lab.resume"):
+    with caplog.at_level("WARNING", logger="lab.training.resume"):
         chosen = resolve_ckpt_path(resume_cfg(root, "last"))
     assert chosen == str(older[0])
     assert str(last) in caplog.text
@@ -283,7 +286,7 @@ def test_a_resumed_study_fails_the_trials_of_dead_jobs(tmp_path):
     import optuna
     from optuna.distributions import FloatDistribution
 
-    from lab.pruning import OptunaPruning, open_storage
+    from lab.cluster.pruning import OptunaPruning, open_storage
 
     db = tmp_path / "optuna.db"
     study = optuna.create_study(study_name="lr", storage=f"sqlite:///{db}", direction="minimize")
@@ -336,7 +339,7 @@ def test_a_resumed_study_fails_the_trials_of_dead_jobs(tmp_path):
                                             ({"heartbeat_interval": 60, "stale_after": 90}, "stale_after=90"),
                                             ({"stale_after": "1h"}, "stale_after='1h'")])
 def test_bad_stale_trial_settings_are_one_line(knobs, message):
-    from lab.pruning import OptunaPruning
+    from lab.cluster.pruning import OptunaPruning
 
     with pytest.raises(LabError, match=message):
         OptunaPruning("sqlite://", "s", **knobs)
@@ -431,7 +434,7 @@ def test_prepare_of_a_missing_corpus_is_one_line(tmp_path):
     ("callbacks.register_model=true train.export_hf=false", "train.export_hf=false"),
 ])
 def test_export_callback_settings_are_checked_before_the_run(override, message):
-    from lab.settings import TrainSettings
+    from lab.training.settings import TrainSettings
 
     cfg = compose_config("train", ["size=tiny", *override.split()])
     with pytest.raises(LabError, match=message):

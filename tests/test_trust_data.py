@@ -22,8 +22,7 @@ import zstandard
 import lab.data.io as io_module
 import lab.data.pipeline as prepare_module
 from lab import PROJECT_ROOT, LabError
-from lab.data import pack as pk
-from lab.data import publish
+from lab.data import pack as pk, publish
 from lab.data.io import SourceSpec, iter_source, parse_record
 from lab.data.publish import verify_prepared
 from lab.data.steps import run_lock

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from lab import PROJECT_ROOT, LabError
-from lab.models import check_hf_folder, config_from_record, file_config_classes
-from lab.model_io import load_model, load_tokenizer, resolve_source
+from lab.models.build import check_hf_folder, config_from_record, file_config_classes
+from lab.models.loading import load_model, load_tokenizer, resolve_source
 from tests.test_quantize import make_prepared, make_run, make_tokenizer, tiny_config
 
 
@@ -260,8 +260,9 @@ def test_model_folder_code_never_runs(tiny_run, tmp_path):
     (lambda hf, marker: damage_truncate(hf / "model.safetensors"), "weights cannot be loaded"),
 ])
 def test_init_from_folder_is_checked_like_a_model_path(tiny_run, tmp_path, damage, message):
-    from lab.models import build_config, build_model
-    from lab.module import load_initial_weights  # what CausalLMModule(init_from=...) runs
+    from lab.models.build import build_config
+    from lab.models.arch import build_model
+    from lab.training.module import load_initial_weights
 
     run = copy_run(tiny_run, tmp_path)
     marker = tmp_path / "ran.txt"

@@ -1,4 +1,5 @@
-"""Corpus preparation: raw web JSONL + book .txt files -> cleaned, deduplicated, tokenized blocks.
+"""Data: corpus preparation (raw web JSONL + book .txt files -> cleaned, deduplicated, tokenized blocks), and the
+blocks read back for training in the curriculum's order.
 
 One module per concern; `pipeline` runs them as resumable steps (`python -m lab.prepare` is its command):
 
@@ -19,4 +20,6 @@ One module per concern; `pipeline` runs them as resumable steps (`python -m lab.
     steps      fingerprints, done-markers, atomic writes, the run lock, crash points for tests
     parallel   an ordered, bounded process pool (memory stays flat however long the input)
     progress   progress bars or log lines, and the wall/CPU clock of each step
+    datamodule the packed blocks of a curriculum stage for training and validation (conf/curriculum)
+    step_budget the curriculum turned into optimizer steps (stage boundaries, tokens per step)
 """

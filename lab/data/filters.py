@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from lab import LabError
-from lab.settings import integer, number
+from lab.config.checks import integer, number
 
 # A word: letters/digits, possibly joined by hyphens or apostrophes ("într-un", "l-a", "d'Artagnan").
 WORD = re.compile(r"[^\W_]+(?:[-'’][^\W_]+)*")

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Mapping, NamedTuple
 import zstandard
 
 from lab import LabError
-from lab.settings import choice, number, optional, text
+from lab.config.checks import choice, number, optional, text
 
 log = logging.getLogger(__name__)
 

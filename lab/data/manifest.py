@@ -14,14 +14,14 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lab import LabError
 
-if TYPE_CHECKING:
-    from lab.data.packed import PackedBlocks
 
-from lab.units import MB
+from lab.config.units import MB
+from lab.data.packed import PackedBlocks
+from lab.data.publish import relative_file
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,6 @@ class Manifest:
                            f"sources there: {self.sources}") from None
 
     def blocks(self, source: str, split: str) -> "PackedBlocks":
-        from lab.data.packed import PackedBlocks  # torch: only where blocks are read, not in lab.prepare
-        from lab.data.publish import relative_file
 
         info = self.split(source, split)
         try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from lab import LabError
-from lab.settings import boolean, integer
+from lab.config.checks import boolean, integer
 
 # Romanian s/t take a comma below (ș ț, U+0219/U+021B); the cedilla forms (ş ţ, U+015F/U+0163) are
 # a legacy of pre-Unicode-5 fonts and still common in web text. Folding them makes one word one

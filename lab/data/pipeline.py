@@ -31,12 +31,7 @@ from omegaconf.errors import InterpolationResolutionError
 from tqdm import tqdm
 
 from lab import LabError
-from lab.data import dedup as dd
-from lab.data import manifest as mf
-from lab.data import pack as pk
-from lab.data import publish
-from lab.data import scan as sc
-from lab.data import tokenizer as tk
+from lab.data import dedup as dd, manifest as mf, pack as pk, publish, scan as sc, tokenizer as tk
 from lab.data.encode import BACKENDS
 from lab.data.filters import RULES, DocFilter, check_rules
 from lab.data.io import SourceSpec, clean_path
@@ -46,8 +41,8 @@ from lab.data.progress import cpu_clock, format_size, progress_bar
 from lab.data.split import SPLITS, TRAIN, VAL
 from lab.data.steps import (StepStore, atomic_path, crash_point, file_stamp, fingerprint, remove_stale_tmp,
                             run_lock, sha256_file, write_json_atomic)
-from lab.settings import boolean, choice, integer, list_of, number, optional, required, text
-from lab.units import MiB
+from lab.config.checks import boolean, choice, integer, list_of, number, optional, required, text
+from lab.config.units import MiB
 
 # The lab.prepare command's log: its lines (and the tests that read them) keep that name wherever the code lives.
 log = logging.getLogger("lab.prepare")

@@ -1,7 +1,7 @@
 """Progress and timing of the prepare steps: a tqdm bar on a terminal, a log line a minute elsewhere, and the
 wall + CPU clock behind each step's timing (lab.bench_data reads them).
 
-Sizes here are binary (lab.units.MiB, GiB), the unit prepare's `*_mb` settings count.
+Sizes here are binary (lab.config.units.MiB, GiB), the unit prepare's `*_mb` settings count.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lab.units import GiB, MiB
+from lab.config.units import GiB, MiB
 
 log = logging.getLogger(__name__)
 
