@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from lab import LabError, exit_with, report_job_failure
 from lab.training.callbacks import export_from_trainer
 from lab.data.datamodule import CurriculumDataModule, check_prepared
-from lab.training.mlflow_run import end_run_after_failure, log_run_inputs, open_run, run_tags
+from lab.training.mlflow_run import Interrupted, end_run_after_failure, log_run_inputs, open_run, run_tags
 from lab.training.module import CausalLMModule
 from lab.training.resume import finished_twin, resolve_ckpt_path
 from lab.training.settings import TrainSettings
@@ -123,7 +123,10 @@ def fit_and_export(cfg: DictConfig, settings: TrainSettings, run_dir: Path, data
     log.info("training %s (%s params) for %d steps over stages %s", cfg.arch_name, f"{module.params.total:,}",
              schedule.total_steps, dict(zip(schedule.stage_names, datamodule.stage_steps())))
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SystemExit as err:  # Lightning's way out of fit on SIGTERM (SIGTERMException) and on Ctrl-C (exit 1)
+        raise interrupted(trainer, run_dir, err) from None
 
     if module.stop_reason:
         guard_checkpoint = run_dir / "checkpoints" / "guard-stop.ckpt"
@@ -146,6 +149,17 @@ def fit_and_export(cfg: DictConfig, settings: TrainSettings, run_dir: Path, data
         logger.finalize("success")
     return {"run_id": logger.run_id if logger is not None else None, "metrics": metrics, "run_dir": run_dir,
             "module": module}
+
+
+def interrupted(trainer: L.Trainer, run_dir: Path, err: SystemExit) -> Interrupted:
+    """The one line for a fit stopped by a signal: which, at what step, and the checkpoint to continue from."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    what = "SIGTERM/SIGUSR1 (preemption)" if isinstance(err, SIGTERMException) else "Ctrl-C"
+    checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    newest = f"the newest checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+    return Interrupted(f"stopped by {what} after step {trainer.global_step}; {newest}; run the same command with "
+                       "ckpt_path=last to continue")
 
 
 def reused_result(run: Any) -> dict[str, Any]:

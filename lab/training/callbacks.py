@@ -285,10 +285,11 @@ class StepLog(L.Callback):
             self._file = self.path.open("a")
         self._file.write(json.dumps({"step": trainer.global_step, "loss": loss, "lr": lr}) + "\n")
         self._file.flush()
-        fault_step = os.environ.get("LAB_FAULT_KILL_AT_STEP")
-        if fault_step and trainer.global_step == int(fault_step):
-            # Test hook: die like `kill -9` would, with no cleanup, to prove resume is exact.
-            os.kill(os.getpid(), signal.SIGKILL)
+        fault = os.environ.get("LAB_FAULT_KILL_AT_STEP")  # test hook: `<step>` or `<step>:<signal name>`
+        if fault and trainer.global_step == int(fault.partition(":")[0]):
+            # a real signal from the OS, to this process: SIGKILL dies like `kill -9` (no cleanup, to prove resume
+            # is exact); SIGTERM / SIGUSR1 / SIGINT reach whatever handler is installed, as a scheduler's would
+            os.kill(os.getpid(), getattr(signal, fault.partition(":")[2] or "SIGKILL"))
 
     def _close(self) -> None:
         if self._file is not None:

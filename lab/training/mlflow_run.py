@@ -68,6 +68,11 @@ class QueuedMetricsLogger(MLFlowLogger):
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
+        if status == "finished":
+            # Lightning's SLURM requeue handler (SIGUSR1) "saves the logger" this way, then trains on until SLURM
+            # stops the job: the run is not over, so only its metrics are written (it ends KILLED at the stop)
+            self.drain()
+            return
         try:
             self.drain()
         except LabError as err:
@@ -97,10 +102,12 @@ def open_run(cfg: DictConfig, uri: str, run_dir: Path, ckpt_path: str | None, re
         run_id_file.write_text((Path(ckpt_path).parent.parent / RUN_ID_FILE).read_text())
     if run_id_file.is_file():
         check_resume_settings(uri, run_id_file.read_text().strip(), resolved)
+    resumed = run_id_file.read_text().strip() if run_id_file.is_file() else None
     logger = QueuedMetricsLogger(experiment_name=cfg.logger.experiment_name, run_name=cfg.logger.run_name,
-                          tracking_uri=uri, tags=dict(tags), log_model=False,
-                          run_id=run_id_file.read_text().strip() if run_id_file.is_file() else None)
+                          tracking_uri=uri, tags=dict(tags), log_model=False, run_id=resumed)
     run_id_file.write_text(logger.run_id)
+    if resumed and logger.experiment.get_run(resumed).info.status != "RUNNING":
+        logger.experiment.update_run(resumed, "RUNNING")  # a KILLED (preempted) run that continues is running again
     return logger
 
 
@@ -137,10 +144,16 @@ def log_run_inputs(logger: MLFlowLogger, resolved: Mapping[str, Any], run_dir: P
         client.log_artifact(run_id, str(model_config))
 
 
+class Interrupted(LabError):
+    """The job was stopped by a signal (SIGTERM, SIGUSR1, Ctrl-C): its MLflow run ends KILLED, not FAILED."""
+
+
 def end_run_after_failure(logger: MLFlowLogger, err: BaseException) -> None:
     """A start or a fit that failed ends its MLflow run FAILED (KILLED when interrupted), never RUNNING: a run
-    left RUNNING shadows the real run of the same name in every later search."""
-    status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+    left RUNNING shadows the real run of the same name in every later search. An interrupted fit was already
+    ended FAILED by Lightning (its loggers' finalize("failed")): that becomes KILLED."""
+    interrupted = isinstance(err, (KeyboardInterrupt, Interrupted))
+    status = "KILLED" if interrupted else "FAILED"
     try:
         if isinstance(logger, QueuedMetricsLogger):
             logger.drain()  # the metrics up to the failure belong in the record
@@ -148,7 +161,7 @@ def end_run_after_failure(logger: MLFlowLogger, err: BaseException) -> None:
         log.warning("%s", drain_err)
     try:
         client = logger.experiment
-        if client.get_run(logger.run_id).info.status == "RUNNING":
+        if client.get_run(logger.run_id).info.status in (("RUNNING", "FAILED") if interrupted else ("RUNNING",)):
             client.set_terminated(logger.run_id, status)
     except Exception as mlflow_err:  # noqa: BLE001 - the original error is the one to report
         log.warning("could not mark MLflow run %s %s: %s", logger.run_id, status, mlflow_err)

@@ -8,6 +8,7 @@ place that sets Lightning's internals.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lab import TRUSTED_TARGETS, LabError
@@ -64,12 +66,41 @@ def instantiate_trainer(cfg: DictConfig, trainer_cfg: dict[str, Any], **objects:
     return instantiate(trainer_cfg, **objects, _convert_="all", _execution_whitelist_=TRUSTED_TARGETS)
 
 
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's step checkpoint, with its save-on-exception (`save_on_exception=True`) kept to preemption.
+
+    SIGTERM (what SLURM and most schedulers send before a kill; SIGUSR1 outside SLURM, see Preemption) makes
+    Lightning raise SIGTERMException between two optimizer steps, where the state is whole: last.ckpt is then
+    written before the process exits, and ckpt_path=last continues exactly. Any other exception (Ctrl-C, an
+    error) can land in the middle of a step, whose half-updated state must not be saved as if it were whole."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or not self._should_save_on_exception(trainer):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class Preemption(L.Callback):
+    """SIGUSR1 (Lightning's requeue signal, `sbatch --signal=USR1@<s>`) where Lightning does not handle it itself.
+
+    Under SLURM Lightning's SLURMEnvironment takes SIGUSR1 (auto-requeue: an hpc_ckpt_<n>.ckpt, `scontrol requeue`;
+    SLURM's SIGTERM then stops the job, checkpointed). Anywhere else SIGUSR1 would kill the process on the spot
+    (no checkpoint, its MLflow run left RUNNING): there it gets the handler Lightning installed for SIGTERM, so the
+    run stops at the next step boundary exactly as for SIGTERM. Lightning restores the old handlers after fit."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if os.name != "nt" and signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGUSR1, signal.getsignal(signal.SIGTERM))
+
+
 def checkpoint_callbacks(checkpoints: Path, checkpointing: Checkpointing) -> list[ModelCheckpoint]:
-    """Step checkpoints (the newest `keep_last`) and one per stage end (all kept), both refreshing last.ckpt."""
+    """Step checkpoints (the newest `keep_last`; last.ckpt also when preempted) and one per stage end (all kept),
+    both refreshing last.ckpt."""
     return [
-        ModelCheckpoint(dirpath=checkpoints, filename="step{step:07d}", auto_insert_metric_name=False,
-                        every_n_train_steps=checkpointing.every_n_steps, save_top_k=checkpointing.keep_last,
-                        monitor="step", mode="max", save_last=True, enable_version_counter=False),
+        StepCheckpoint(dirpath=checkpoints, filename="step{step:07d}", auto_insert_metric_name=False,
+                       every_n_train_steps=checkpointing.every_n_steps, save_top_k=checkpointing.keep_last,
+                       monitor="step", mode="max", save_last=True, enable_version_counter=False,
+                       save_on_exception=True),
         # stage ends are epoch ends: one checkpoint per stage, kept. It refreshes last.ckpt too, so
         # last.ckpt is the final state even when the run does not end on a multiple of every_n_steps
         # (both callbacks write the same last.ckpt: no version counter, or the second writes last-v1).
@@ -87,7 +118,7 @@ def build_trainer(cfg: DictConfig, settings: TrainSettings, run_dir: Path, logge
     for key in ("max_steps", "precision"):  # set here and in fit_to_schedule
         trainer_cfg.pop(key)
     callbacks: list[L.Callback] = [*checkpoint_callbacks(run_dir / "checkpoints", settings.checkpoint),
-                                   StepLog(run_dir / "steps.jsonl")]
+                                   StepLog(run_dir / "steps.jsonl"), Preemption()]
     if cfg.callbacks.get("optuna_pruning"):  # only selected by conf/sweep/lr.yaml: stop hopeless trials early
         callbacks.append(instantiate(cfg.callbacks.optuna_pruning, _execution_whitelist_=TRUSTED_TARGETS))
     return instantiate_trainer(cfg, trainer_cfg, precision=precision, logger=logger or False, callbacks=callbacks,
