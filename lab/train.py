@@ -33,6 +33,15 @@ from lab.training.trainer import (build_trainer, check_accelerator, fit_to_sched
                                   progress_callbacks, resolve_precision)
 
 log = logging.getLogger("lab.train")
+# the set-up lines of a run: in the job's log file, not on the console (conf/hydra/default.yaml job_logging)
+setup_log = logging.getLogger("lab.train.setup")
+
+# Known notices with nothing for the user to do, silenced by their message only (anything else still shows):
+# Lightning's own use of a torch pytree class torch deprecated, Hydra 1.4 asking for a whitelist when it builds
+# the lab's own sweep callbacks (trusted code of this package), and Optuna's label on the QMC sampler.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"hydra\.utils\.instantiate\(\) resolved _target_='lab\.cluster\.launchers\.")
+warnings.filterwarnings("ignore", message=r"QMCSampler is experimental")
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -43,7 +52,7 @@ def output_dir(cfg: DictConfig) -> Path:
 
 def open_data(cfg: DictConfig, settings: TrainSettings) -> CurriculumDataModule:
     """The prepared data, verified, and the curriculum over it; the tokenizer must fit tokenizer.vocab_size."""
-    log.info("prepared data at %s verified (%s)", cfg.data.prepared_dir, check_prepared(cfg))
+    setup_log.info("prepared data at %s verified (%s)", cfg.data.prepared_dir, check_prepared(cfg))
     train = settings.train
     datamodule = CurriculumDataModule(
         cfg.data.prepared_dir, cfg.curriculum, settings.seq_len, train.batch_size, shuffle_seed=settings.shuffle_seed,
@@ -79,6 +88,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if not cfg.trainer.enable_progress_bar:  # save_pretrained's "Writing model shards" bars too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     datamodule = open_data(cfg, settings)
     manifest = datamodule.manifest
     check_accelerator(settings.trainer.accelerator)
@@ -120,7 +133,7 @@ def fit_and_export(cfg: DictConfig, settings: TrainSettings, run_dir: Path, data
             "train/tokens_per_step": str(schedule.tokens_per_step), "train/total_tokens": str(total_tokens),
             "throughput/peak_tflops": f"{peak / 1e12:.4g}" if peak else "unknown",
             "throughput/peak_source": peak_source})
-    log.info("training %s (%s params) for %d steps over stages %s", cfg.arch_name, f"{module.params.total:,}",
+    setup_log.info("training %s (%s params) for %d steps over stages %s", cfg.arch_name, f"{module.params.total:,}",
              schedule.total_steps, dict(zip(schedule.stage_names, datamodule.stage_steps())))
 
     try:
@@ -169,6 +182,13 @@ def reused_result(run: Any) -> dict[str, Any]:
             "run_dir": Path(run.data.tags.get("run_dir", ".")), "module": None, "reused": True}
 
 
+def _shown(path: Path, cfg: DictConfig) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(cfg.paths.root_dir).resolve()))
+    except ValueError:
+        return str(path)
+
+
 def objective_value(result: dict[str, Any], name: str) -> float:
     value = result["metrics"].get(name)
     if value is None or not math.isfinite(value):
@@ -189,7 +209,9 @@ def main(cfg: DictConfig) -> float:
             raise  # let the sweep record the failure
         exit_with(err, log)
     value = objective_value(result, cfg.objective)
-    log.info("%s = %.4f (MLflow run %s)", cfg.objective, value, result["run_id"])
+    # the run's one console line; the rest is in the job's log file in its run folder
+    log.info("%s: %s = %.4f (MLflow run %s; log and export in %s)", cfg.run_name, cfg.objective, value,
+             result["run_id"], _shown(result["run_dir"], cfg))
     return value
 
 

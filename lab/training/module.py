@@ -31,6 +31,16 @@ LN2 = math.log(2.0)
 log = logging.getLogger("lab.training.module")
 
 
+class _KernelFallbackNotice(logging.Filter):
+    """transformers says once per kernel what the one "fast paths:" line below already says for all of them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is falling back to its reference PyTorch implementation" not in record.getMessage()
+
+
+logging.getLogger("transformers.integrations.hub_kernels").addFilter(_KernelFallbackNotice())
+
+
 class CausalLMModule(L.LightningModule):
     def __init__(self, arch: Mapping[str, Any], size: Mapping[str, Any] | None, settings: TrainSettings,
                  schedule: StepSchedule, data_info: DataInfo, config_overrides: Mapping[str, Any] | None = None,
