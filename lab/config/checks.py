@@ -166,6 +166,11 @@ class Node:
         return _plain(dataclasses.asdict(self))
 
 
+def resolved(node: Any) -> Any:
+    """A config node as plain, resolved containers (anything else as it is): what every check reads."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {key: _plain(item) for key, item in value.items()}

@@ -41,15 +41,12 @@ from lab.data.progress import cpu_clock, format_size, progress_bar
 from lab.data.split import SPLITS, TRAIN, VAL
 from lab.data.steps import (StepStore, atomic_path, crash_point, file_stamp, fingerprint, remove_stale_tmp,
                             run_lock, sha256_file, write_json_atomic)
-from lab.config.checks import boolean, choice, integer, list_of, number, optional, required, text
+from lab.config.checks import boolean, choice, integer, list_of, number, optional, required, resolved, text
 from lab.config.units import MiB
 
 # The lab.prepare command's log: its lines (and the tests that read them) keep that name wherever the code lives.
 log = logging.getLogger("lab.prepare")
 
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 # --- reading the config: every knob checked once, each with its type and range ---------------------------------
@@ -61,7 +58,7 @@ _MIN_VOCAB = 256 + len(tk.SPECIAL_TOKENS)  # a byte-level BPE: every byte is a t
 
 def _setting(cfg: DictConfig, key: str, check: Check) -> Any:
     """The checked value at the dotted `key` (plain containers): one LabError line for a bad or missing one."""
-    return check(_plain(required(cfg, key)), key)
+    return check(resolved(required(cfg, key)), key)
 
 
 def _because(check: Check, why: str) -> Check:
@@ -121,7 +118,7 @@ def _check_node(cfg: DictConfig, prefix: str, checks: dict[str, Check]) -> dict[
     _setting(cfg, prefix, _mapping)
     for key, check in checks.items():
         _setting(cfg, f"{prefix}.{key}", check)
-    return _plain(OmegaConf.select(cfg, prefix))
+    return resolved(OmegaConf.select(cfg, prefix))
 
 
 def _per_source(cfg: DictConfig, group: str, sources: dict[str, SourceSpec], check_entry: Callable[[Any, str], None],
@@ -187,7 +184,7 @@ class Settings:
             if key not in cfg:
                 raise LabError(f"config has no `{key}` node: run lab.prepare with conf/prepare.yaml")
         try:  # the config as the manifest records it; resolving it first names a lost key that others refer to
-            record = {"data": _plain(cfg.data), "tokenizer": _plain(cfg.tokenizer), "prepare": _plain(cfg.prepare)}
+            record = {"data": resolved(cfg.data), "tokenizer": resolved(cfg.tokenizer), "prepare": resolved(cfg.prepare)}
         except InterpolationResolutionError as err:
             reason = (str(err).splitlines() or [type(err).__name__])[0]
             raise LabError(f"{err.full_key} does not resolve: {reason} (restore the key it refers to in conf/)"

@@ -32,11 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
 
 from lab import LabError, error_line, log_to_files
 from lab.models.settings import ModelSettings
-from lab.config.checks import field
+from lab.config.checks import field, resolved
 from lab.runs.records import search_runs, select_runs as training_runs
 from lab.runs.tracking import tracking_uri
 from lab.models.loading import check_model_folder, has_weights, resolve_source
@@ -103,11 +102,11 @@ def parse_runs(runs: Any, run_tags: Any, run_latest: Any) -> RunQuery | None:
     """The query of a command's `runs`, `run_tags`, `run_latest` settings; None when `runs` is not set."""
     if runs is None or (isinstance(runs, str) and not runs.strip()):
         if run_tags:
-            raise LabError(f"run_tags={_plain(run_tags)} is given without runs=; tags filter the runs of "
+            raise LabError(f"run_tags={resolved(run_tags)} is given without runs=; tags filter the runs of "
                            f"{RUNS_FORM}")
         return None
     if not isinstance(runs, str):
-        raise LabError(f"runs={_plain(runs)!r} is a {type(runs).__name__}, not a selection; give {RUNS_FORM} "
+        raise LabError(f"runs={resolved(runs)!r} is a {type(runs).__name__}, not a selection; give {RUNS_FORM} "
                        "(quote a name with commas)")
     text = runs.strip()
     experiment = text[len(_EXPERIMENT_PREFIX):].strip() if text.startswith(_EXPERIMENT_PREFIX) else None
@@ -121,12 +120,9 @@ def parse_runs(runs: Any, run_tags: Any, run_latest: Any) -> RunQuery | None:
     return RunQuery(experiment, _check_tags(run_tags), run_latest)
 
 
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
-
 
 def _check_tags(run_tags: Any) -> dict[str, str]:
-    tags = _plain(run_tags) or {}
+    tags = resolved(run_tags) or {}
     if not isinstance(tags, Mapping):
         raise LabError(f"run_tags={tags!r} is a {type(tags).__name__}, not a mapping; give run_tags={{key:value}} "
                        "(e.g. \"run_tags={bakeoff:tiny-v1}\")")
