@@ -8,13 +8,13 @@ at full precision; the text shows them rounded.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
 from lab import LabError
+from lab.runs.records import as_number
 from lab.runs.tables import markdown_table
 
 # config fields worth a line in the card, when the model's config has them
@@ -57,11 +57,11 @@ def card_facts(run: Any, stage: str, step: int | None, command: str | None,
     params = dict(run.data.params) if run is not None else {}
     merged = {**(run.data.metrics if run is not None else {}), **(metrics or {})}
     domains, tokens = split_metrics(merged)
-    tokens_per_step = _number(params.get("train/tokens_per_step"))
+    tokens_per_step = as_number(params.get("train/tokens_per_step"))
     return {
         "arch": tags.get("arch"), "model_class": params.get("model/class"), "stage": stage, "step": step,
-        "params_total": _number(params.get("model/params_total")),
-        "params_non_embedding": _number(params.get("model/params_non_embedding")),
+        "params_total": as_number(params.get("model/params_total")),
+        "params_non_embedding": as_number(params.get("model/params_non_embedding")),
         "tokens": step * tokens_per_step if step is not None and tokens_per_step else None,
         "tokens_per_source": tokens, "seq_len": params.get("data.seq_len"),
         "curriculum": tags.get("curriculum"), "data_sha256": tags.get("data_sha256"),
@@ -73,13 +73,6 @@ def card_facts(run: Any, stage: str, step: int | None, command: str | None,
         "experiment": tags.get("experiment_name"),
     }
 
-
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def front_matter(facts: Mapping[str, Any], name: str) -> str:
